@@ -1,0 +1,1 @@
+"""Gin files, installed as `switch_jax.gin_files` (see setup.py)."""

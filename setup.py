@@ -1,0 +1,50 @@
+"""switch-jax: Switch Transformers (sparse mixture-of-experts T5) in JAX/Flax.
+
+The repository keeps `tasks/` (seqio task registrations) and `gin/` (gin
+files) at the top level where users look for them; installed, they become
+`switch_jax.tasks` and `switch_jax.gin_files`, so the CLI finds them from any
+directory.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="switch-jax",
+    version="0.1.0",
+    description="Switch Transformers (sparse mixture-of-experts T5) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["switch_jax", "switch_jax.*"])
+    + ["switch_jax.tasks", "switch_jax.gin_files"],
+    package_dir={
+        "switch_jax": "switch_jax",
+        "switch_jax.tasks": "tasks",
+        "switch_jax.gin_files": "gin",
+    },
+    package_data={
+        "switch_jax.gin_files": ["*.gin", "**/*.gin"],
+        "switch_jax.data": ["*.txt", "*.json"],
+    },
+    install_requires=[
+        # jax 0.11 dropped Python 3.11; flax 0.12.8 needs jax >= 0.10.
+        "jax>=0.10,<0.13",
+        "flax>=0.12.8",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12",
+        "gin-config>=0.5.0",
+        "seqio>=0.0.20",
+        "tensorflow-datasets>=4.9.8",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "importlib_resources",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # torch 2.13.0's CPU build lies on the CI machines' disk; elsewhere add
+        # --extra-index-url https://download.pytorch.org/whl/cpu to avoid CUDA.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0"],
+    },
+    entry_points={"console_scripts": ["switch-jax=switch_jax.cli:main"]},
+)

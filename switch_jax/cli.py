@@ -1,0 +1,75 @@
+"""The `switch-jax` command line: one console script, one subcommand per job.
+
+Each subcommand lives in its own module, which exposes
+`add_arguments(parser)` and `run(args) -> int`; modules are imported only
+when their subcommand runs, so `switch-jax --help` starts fast and the model
+commands never import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from switch_jax.errors import UserError
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "train": ("switch_jax.commands.train", "pretrain or fine-tune a model from gin files"),
+    "eval": ("switch_jax.commands.evaluate", "evaluate a checkpoint on a task"),
+    "infer": ("switch_jax.commands.infer", "decode a task's inputs or a text file"),
+    "score": ("switch_jax.commands.score", "sum target log-likelihoods of JSONL examples"),
+    "convert": ("switch_jax.commands.convert", "convert Hugging Face checkpoints to and from ours"),
+    "plan": ("switch_jax.commands.plan", "memory, communication and FLOPs of a config on a mesh"),
+    "tasks": ("switch_jax.commands.tasks", "list registered seqio tasks and mixtures"),
+    "vocab": ("switch_jax.commands.vocab", "train a SentencePiece vocabulary on local text"),
+    "plot": ("switch_jax.commands.plot", "plot a run's loss curve and expert load"),
+    "smoke": ("switch_jax.commands.smoke", "a forward/backward run of a tiny model"),
+}
+
+
+def _available():
+  """Subcommands whose module exists in this installation."""
+  found = {}
+  for name, (module, help_text) in SUBCOMMANDS.items():
+    if importlib.util.find_spec(module) is not None:
+      found[name] = (module, help_text)
+  return found
+
+
+def build_parser(commands=None) -> argparse.ArgumentParser:
+  commands = _available() if commands is None else commands
+  parser = argparse.ArgumentParser(
+      prog="switch-jax",
+      description="Switch Transformers (sparse mixture-of-experts T5) in JAX.")
+  sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(commands) + "}")
+  sub.required = True
+  for name, (module, help_text) in commands.items():
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(_module=module)
+  return parser
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  commands = _available()
+  parser = build_parser(commands)
+  # Parse the subcommand name first, then let its module add its own flags.
+  if argv and argv[0] in commands:
+    module = importlib.import_module(commands[argv[0]][0])
+    sub_parser = argparse.ArgumentParser(
+        prog=f"switch-jax {argv[0]}", description=commands[argv[0]][1])
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(argv[1:])
+    try:
+      return int(module.run(args) or 0)
+    except UserError as e:
+      print(f"switch-jax {argv[0]}: error: {e}", file=sys.stderr)
+      return 2
+  parser.parse_args(argv)  # prints help or the error for an unknown command
+  return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,112 @@
+"""Losses: token cross-entropy with the output z-loss, plus the router losses.
+
+The training loss is normalized by the number of real target tokens. Router
+losses are averaged over Switch layers (as t5x's MoE models do) and scaled
+by their factors: `aux_loss_factor * mean_l aux_l + router_z_loss_factor *
+mean_l z_l`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from switch_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+def cross_entropy(logits: Array, targets: Array, weights: Optional[Array] = None,
+                  z_loss: float = 0.0) -> tuple[Array, Array]:
+  """Per-token negative log-likelihood and output z-loss.
+
+  Args:
+    logits: <float32>[B, L, V].
+    targets: <int32>[B, L].
+    weights: <float32>[B, L] (0 for padding); None means `targets > 0`.
+    z_loss: coefficient of `logsumexp(logits)^2`, which keeps the softmax
+      normalizer near 1 (t5x uses 1e-4).
+
+  Returns:
+    <float32>[B, L] weighted NLL and <float32>[B, L] weighted z-loss term.
+  """
+  if weights is None:
+    weights = (targets > 0).astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = (log_z - target_logit) * weights
+  return nll, z_loss * jnp.square(log_z) * weights
+
+
+def router_metrics(moe_state: Mapping) -> dict[str, Array]:
+  """Averages the per-layer statistics sown by Switch layers.
+
+  Args:
+    moe_state: the 'moe' collection, {path: {..., name: (value,)}}.
+
+  Returns:
+    {name: mean over layers}, plus 'expert_fraction_per_layer' <[layers, E]>
+    and 'num_moe_layers'; empty for a dense model.
+  """
+  flat = traverse_util.flatten_dict(dict(moe_state)) if moe_state else {}
+  by_name: dict[str, list] = {}
+  for path, value in sorted(flat.items()):
+    values = value if isinstance(value, tuple) else (value,)
+    by_name.setdefault(path[-1], []).extend(values)
+  if not by_name:
+    return {}
+  out = {name: jnp.mean(jnp.stack(values), axis=0) for name, values in by_name.items()}
+  out["expert_fraction_per_layer"] = jnp.stack(by_name["expert_fraction"])
+  out["num_moe_layers"] = jnp.asarray(len(by_name["aux_loss"]), jnp.float32)
+  return out
+
+
+def total_loss(config: ModelConfig, logits: Array, batch: Mapping[str, Array],
+               moe_state: Optional[Mapping] = None, z_loss: float = 1e-4
+               ) -> tuple[Array, dict[str, Array]]:
+  """The training objective and its parts.
+
+  Args:
+    config: supplies the router loss factors.
+    logits: <float32>[B, L, V].
+    batch: 'decoder_target_tokens' and optionally 'decoder_loss_weights'.
+    moe_state: the sown 'moe' collection (None for a dense model).
+    z_loss: output-logit z-loss coefficient.
+
+  Returns:
+    Scalar loss (normalized by real target tokens) and metrics: 'loss',
+    'cross_entropy', 'z_loss', 'accuracy', 'num_tokens', and the router
+    metrics with 'router_aux_loss' / 'router_z_loss' already scaled.
+  """
+  targets = batch["decoder_target_tokens"]
+  weights = batch.get("decoder_loss_weights")
+  weights = (targets > 0) if weights is None else weights
+  weights = weights.astype(jnp.float32)
+  num_tokens = jnp.maximum(jnp.sum(weights), 1.0)
+  nll, zl = cross_entropy(logits, targets, weights, z_loss)
+  ce = jnp.sum(nll) / num_tokens
+  zl = jnp.sum(zl) / num_tokens
+  correct = (jnp.argmax(logits, axis=-1) == targets) * weights
+  metrics = {"cross_entropy": ce, "z_loss": zl, "num_tokens": jnp.sum(weights),
+             "accuracy": jnp.sum(correct) / num_tokens}
+  loss = ce + zl
+  routers = router_metrics(moe_state)
+  if routers:
+    aux = config.aux_loss_factor * routers["aux_loss"]
+    rz = config.router_z_loss_factor * routers["z_loss"]
+    loss = loss + aux + rz
+    metrics.update({f"router/{k}": v for k, v in routers.items()})
+    metrics["router_aux_loss"] = aux
+    metrics["router_z_loss"] = rz
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+def sequence_scores(logits: Array, targets: Array, weights: Optional[Array] = None) -> Array:
+  """<float32>[B] summed target negative log-likelihood of each sequence."""
+  nll, _ = cross_entropy(logits, targets, weights)
+  return jnp.sum(nll, axis=-1)

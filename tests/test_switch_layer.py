@@ -1,0 +1,214 @@
+"""The Switch layer: every fast dispatch path equals the plain reference,
+forward and gradients, with and without dropped tokens."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from switch_jax.config import get_config
+from switch_jax.errors import ConfigError
+from switch_jax.switch_layer import SwitchLayer, num_groups
+
+B, L, D = 2, 16, 32
+
+
+def _config(router, **kw):
+  base = dict(num_experts=4, group_size=8, train_capacity_factor=1.0, eval_capacity_factor=1.0,
+              min_expert_capacity=1, router=router, decoder_router="top1")
+  base.update(kw)
+  return get_config("tiny_switch", **base)
+
+
+def _inputs(seed=1):
+  x = jax.random.normal(jax.random.PRNGKey(seed), (B, L, D))
+  valid = jnp.ones((B, L), bool).at[1, 12:].set(False)
+  return x, valid
+
+
+@functools.lru_cache(maxsize=None)
+def _runner(config, router):
+  layer = SwitchLayer(config, router)
+
+  def forward(params, x, valid):
+    y, state = layer.apply({"params": params}, x, valid, mutable=["moe"])
+    return y, jax.tree.map(lambda v: v[0], state["moe"], is_leaf=lambda v: isinstance(v, tuple))
+
+  def objective(params, x, valid):
+    y, stats = forward(params, x, valid)
+    return jnp.sum(jnp.sin(y)) + stats["aux_loss"] + stats["z_loss"]
+
+  return layer, jax.jit(forward), jax.jit(jax.grad(objective, argnums=(0, 1)))
+
+
+CASES = [
+    ("top1", dict()), ("top1", dict(batch_prioritized_routing=True)),
+    ("top1", dict(ffn_activation="relu")), ("top2", dict()),
+    ("expert_choice", dict()), ("dropless", dict()), ("dropless", dict(ffn_activation="relu")),
+]
+
+
+@pytest.mark.parametrize("router,kw", CASES)
+def test_fast_path_equals_reference(router, kw):
+  fast_cfg = _config(router, **kw)
+  ref_cfg = fast_cfg.replace(dispatch="reference")
+  layer, fast, fast_grad = _runner(fast_cfg, router)
+  _, ref, ref_grad = _runner(ref_cfg, router)
+  x, valid = _inputs()
+  params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
+  y_fast, stats_fast = fast(params, x, valid)
+  y_ref, stats_ref = ref(params, x, valid)
+  np.testing.assert_allclose(y_fast, y_ref, atol=1e-5, rtol=1e-5)
+  for name in stats_ref:
+    np.testing.assert_allclose(stats_fast[name], stats_ref[name], atol=1e-6, err_msg=name)
+  if router != "dropless":  # capacity 1.0 with 4 experts and 8-token groups drops tokens
+    assert float(stats_fast["fraction_dropped"]) > 0.05
+  g_fast, g_ref = fast_grad(params, x, valid), ref_grad(params, x, valid)
+  for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  # The router learns from the task loss through the gate.
+  assert float(jnp.abs(nn.unbox(g_fast[0])["router"]["kernel"]).max()) > 1e-4
+
+
+def test_bfloat16_fast_path_tracks_reference():
+  cfg = _config("top1", dtype="bfloat16")
+  layer, fast, _ = _runner(cfg, "top1")
+  _, ref, _ = _runner(cfg.replace(dispatch="reference"), "top1")
+  x, valid = _inputs()
+  params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
+  y_fast, _ = fast(params, x, valid)
+  y_ref, _ = ref(params, x, valid)
+  assert y_fast.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y_fast.astype(np.float32), y_ref.astype(np.float32), atol=2e-2)
+
+
+def test_dropped_tokens_output_zero_and_kept_tokens_are_gate_times_expert():
+  cfg = _config("top1")
+  layer, fast, _ = _runner(cfg, "top1")
+  x, valid = _inputs()
+  variables = layer.init(jax.random.PRNGKey(0), x, valid)
+  params = nn.unbox(variables["params"])
+  y, _ = fast(variables["params"], x, valid)
+  xg = np.asarray(x).reshape(4, 8, D)
+  logits = np.einsum("gsd,de->gse", xg, params["router"]["kernel"])
+  probs = np.asarray(jax.nn.softmax(logits))
+  choice = probs.argmax(-1)
+  yg = np.asarray(y).reshape(4, 8, D)
+  vg = np.asarray(valid).reshape(4, 8)
+  w = params["experts"]
+  dropped = 0
+  for g in range(4):
+    counts = np.zeros(4, int)
+    for s in range(8):
+      e = choice[g, s]
+      if not vg[g, s] or counts[e] >= 2:  # capacity round(1.0 * 8 / 4) = 2
+        np.testing.assert_array_equal(yg[g, s], 0.0)
+        dropped += vg[g, s]
+        continue
+      counts[e] += 1
+      h = jax.nn.gelu(xg[g, s] @ w["wi_0"][e], approximate=True) * (xg[g, s] @ w["wi_1"][e])
+      np.testing.assert_allclose(yg[g, s], probs[g, s, e] * (h @ w["wo"][e]), atol=1e-5)
+  assert dropped > 0
+
+
+def test_groups_route_independently():
+  # Capacity is per group: routing 2 groups of 8 equals routing each alone.
+  cfg = _config("top1")
+  layer, fast, _ = _runner(cfg, "top1")
+  x, valid = _inputs()
+  params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
+  y, _ = fast(params, x, valid)
+  y0, _ = fast(params, x[:1], valid[:1])
+  np.testing.assert_allclose(y[:1], y0, atol=1e-6)
+
+
+def test_num_groups():
+  assert num_groups(4096, 8192) == 1
+  assert num_groups(16384, 4096) == 4
+  assert num_groups(4096, 1000) == 8  # 5 groups do not divide 4096 tokens
+  assert num_groups(64, 8192, multiple_of=8) == 8  # one group per batch shard at least
+  with pytest.raises(ConfigError, match="batch shards"):
+    num_groups(60, 8, multiple_of=8)
+
+
+def test_jitter_only_in_training():
+  cfg = _config("top1", jitter_noise=0.5)
+  layer = SwitchLayer(cfg, "top1")
+  x, valid = _inputs()
+  params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
+  eval_a = layer.apply({"params": params}, x, valid)
+  eval_b = layer.apply({"params": params}, x, valid, rngs={"dropout": jax.random.PRNGKey(5)})
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train = [layer.apply({"params": params}, x, valid, deterministic=False,
+                       rngs={"dropout": jax.random.PRNGKey(s)}) for s in (1, 2)]
+  assert not np.allclose(train[0], train[1])
+
+
+def test_train_and_eval_capacity_factors():
+  cfg = _config("top1", train_capacity_factor=0.5, eval_capacity_factor=2.0)
+  layer = SwitchLayer(cfg, "top1")
+  assert layer.capacity(64, deterministic=False) == 8
+  assert layer.capacity(64, deterministic=True) == 32
+  assert SwitchLayer(cfg.replace(expert_capacity=3), "top1").capacity(64, True) == 3
+
+
+def test_expert_dropout_uses_its_own_rate():
+  cfg = _config("top1", dropout_rate=0.1, expert_dropout_rate=0.4)
+  layer = SwitchLayer(cfg, "top1")
+  x, valid = _inputs()
+  params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
+  hidden = jnp.ones((4, 256, 64))
+  out = layer.apply({"params": params}, rngs={"dropout": jax.random.PRNGKey(1)},
+                    method=lambda m: m.experts.dropout(hidden, deterministic=False))
+  np.testing.assert_allclose(float(jnp.mean(out == 0)), 0.4, atol=0.02)
+  np.testing.assert_allclose(float(jnp.max(out)), 1 / 0.6, rtol=1e-5)
+  train = [layer.apply({"params": params}, x, valid, deterministic=False,
+                       rngs={"dropout": jax.random.PRNGKey(s)}) for s in (1, 2)]
+  assert not np.allclose(train[0], train[1])
+
+
+def test_expert_choice_refused_in_a_decoder():
+  cfg = _config("top1")
+  layer = SwitchLayer(cfg, "expert_choice", causal=True)
+  x, valid = _inputs()
+  with pytest.raises(ConfigError, match="not causal"):
+    layer.init(jax.random.PRNGKey(0), x, valid)
+  with pytest.raises(ConfigError, match="decoder_router"):
+    get_config("tiny_switch", router="expert_choice")
+
+
+def test_expert_weights_are_stacked_with_logical_axes():
+  cfg = _config("top1")
+  layer = SwitchLayer(cfg, "top1")
+  x, valid = _inputs()
+  params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
+  wi = params["experts"]["wi_0"]
+  assert wi.value.shape == (4, D, cfg.d_ff)
+  assert wi.names == ("expert", "embed", "mlp")
+  assert params["experts"]["wo"].names == ("expert", "mlp", "embed")
+  assert params["router"]["kernel"].value.shape == (D, 4)
+
+
+def test_no_tokens_by_experts_by_capacity_tensor():
+  # Memory must stay flat in the number of experts: nothing in the jitted
+  # forward and backward of the gather path may reach T * E * C elements.
+  cfg = get_config("tiny_switch", num_experts=8, group_size=None, train_capacity_factor=1.0,
+                   eval_capacity_factor=1.0, min_expert_capacity=1)
+  layer = SwitchLayer(cfg, "top1")
+  x = jnp.ones((1, 256, D))
+  params = layer.init(jax.random.PRNGKey(0), x)["params"]
+  tokens, experts, capacity = 256, 8, 32
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x))))(params, x)
+
+  def sizes(jaxpr):
+    for eqn in jaxpr.eqns:
+      for var in eqn.outvars:
+        yield int(np.prod(var.aval.shape))
+      for value in eqn.params.values():
+        if hasattr(value, "jaxpr"):
+          yield from sizes(value.jaxpr)
+
+  assert max(sizes(jaxpr.jaxpr)) < tokens * experts * capacity

@@ -22,17 +22,15 @@ from switch_jax.switch_layer import SwitchLayer
 Array = jax.Array
 
 
-def _ffn(config: ModelConfig, layer: int, decoder: bool, num_batch_shards: int) -> nn.Module:
+def _ffn(config: ModelConfig, layer: int, decoder: bool) -> nn.Module:
   if config.is_sparse(layer):
-    return SwitchLayer(config, config.stack_router(decoder), causal=decoder,
-                       num_batch_shards=num_batch_shards, name="mlp")
+    return SwitchLayer(config, config.stack_router(decoder), causal=decoder, name="mlp")
   return MlpBlock(config, name="mlp")
 
 
 class EncoderLayer(nn.Module):
   config: ModelConfig
   layer: int
-  num_batch_shards: int = 1
 
   @nn.compact
   def __call__(self, x, bias, mask, valid, *, deterministic):
@@ -43,7 +41,7 @@ class EncoderLayer(nn.Module):
     h = MultiHeadAttention(cfg, name="attention")(h, h, bias, mask, deterministic=deterministic)
     x = x + drop(h, deterministic=deterministic)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    mlp = _ffn(cfg, self.layer, False, self.num_batch_shards)
+    mlp = _ffn(cfg, self.layer, False)
     h = mlp(h, valid, deterministic=deterministic) if isinstance(mlp, SwitchLayer) else mlp(
         h, deterministic=deterministic)
     return x + drop(h, deterministic=deterministic)
@@ -52,7 +50,6 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
   config: ModelConfig
   layer: int
-  num_batch_shards: int = 1
 
   @nn.compact
   def __call__(self, x, encoded, bias, self_mask, cross_mask, valid, *, deterministic, decode):
@@ -68,7 +65,7 @@ class DecoderLayer(nn.Module):
         h, encoded, None, cross_mask, deterministic=deterministic)
     x = x + drop(h, deterministic=deterministic)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    mlp = _ffn(cfg, self.layer, True, self.num_batch_shards)
+    mlp = _ffn(cfg, self.layer, True)
     h = mlp(h, valid, deterministic=deterministic) if isinstance(mlp, SwitchLayer) else mlp(
         h, deterministic=deterministic)
     return x + drop(h, deterministic=deterministic)
@@ -77,7 +74,6 @@ class DecoderLayer(nn.Module):
 class Encoder(nn.Module):
   config: ModelConfig
   embed: nn.Module
-  num_batch_shards: int = 1
 
   @nn.compact
   def __call__(self, tokens: Array, segment_ids: Optional[Array] = None, *,
@@ -93,7 +89,7 @@ class Encoder(nn.Module):
                                     tokens.shape[1], tokens.shape[1])
     x = nn.Dropout(cfg.dropout_rate)(self.embed(tokens), deterministic=deterministic)
     for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, i, self.num_batch_shards, name=f"layers_{i}")(
+      x = EncoderLayer(cfg, i, name=f"layers_{i}")(
           x, bias, mask, valid, deterministic=deterministic)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
@@ -102,7 +98,6 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   config: ModelConfig
   embed: nn.Module
-  num_batch_shards: int = 1
 
   @nn.compact
   def __call__(self, encoded: Array, encoder_valid: Array, decoder_input_tokens: Array,
@@ -141,7 +136,7 @@ class Decoder(nn.Module):
                                 decoder_segment_ids, encoder_segment_ids)
     x = nn.Dropout(cfg.dropout_rate)(self.embed(decoder_input_tokens), deterministic=deterministic)
     for i in range(cfg.num_decoder_layers):
-      x = DecoderLayer(cfg, i, self.num_batch_shards, name=f"layers_{i}")(
+      x = DecoderLayer(cfg, i, name=f"layers_{i}")(
           x, encoded, bias, self_mask, cross_mask, decoder_valid,
           deterministic=deterministic, decode=decode)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(x)
@@ -158,17 +153,14 @@ class EncoderDecoder(nn.Module):
 
   Attributes:
     config: the model config.
-    num_batch_shards: mesh rows the batch is split over, so Switch layers
-      lay out their routing groups per device (see partitioning.py).
   """
   config: ModelConfig
-  num_batch_shards: int = 1
 
   def setup(self):
     cfg = self.config
     self.token_embedder = Embed(cfg.vocab_size, cfg.d_model, activation_dtype(cfg))
-    self.encoder = Encoder(cfg, self.token_embedder, self.num_batch_shards)
-    self.decoder = Decoder(cfg, self.token_embedder, self.num_batch_shards)
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None, *,
              deterministic: bool = True) -> Array:

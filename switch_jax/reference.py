@@ -86,7 +86,6 @@ def switch_layer(x: Array, valid: Array, logits: Array, weights: dict, *, activa
   probs = jax.nn.softmax(logits, axis=-1)
   num_experts = probs.shape[-1]
   w = valid.astype(jnp.float32)
-  n_valid = jnp.maximum(w.sum(), 1.0)
   if router == "expert_choice":
     combine = []  # per expert, <float32>[G, S] weight of its output for each token
     for e in range(num_experts):
@@ -97,12 +96,12 @@ def switch_layer(x: Array, valid: Array, logits: Array, weights: dict, *, activa
     y = sum(c[..., None].astype(x.dtype) * expert_ffn(x, weights, e, activation)
             for e, c in enumerate(combine))
     chosen = jnp.stack([c > 0 for c in combine], axis=-1)  # [G, S, E]
-    picks = jnp.maximum(chosen.sum(), 1)
     stats = RouterStats(
-        aux_loss=jnp.zeros((), jnp.float32), z_loss=jnp.zeros((), jnp.float32),
-        fraction_dropped=1.0 - jnp.sum(chosen.any(-1) * w) / n_valid,
-        expert_fraction=chosen.sum(axis=(0, 1)) / picks,
-        router_confidence=sum(c.sum() for c in combine) / picks)
+        aux_loss_sum=jnp.zeros((), jnp.float32), z_loss_sum=jnp.zeros((), jnp.float32),
+        groups=jnp.asarray(valid.shape[0], jnp.float32), tokens=w.sum(), assigned=w.sum(),
+        kept=jnp.sum(chosen.any(-1) * w),
+        expert_counts=chosen.sum(axis=(0, 1)).astype(jnp.float32),
+        confidence_sum=sum(c.sum() for c in combine))
     return y, stats
 
   k = 2 if router == "top2" else 1
@@ -122,12 +121,12 @@ def switch_layer(x: Array, valid: Array, logits: Array, weights: dict, *, activa
   chose = sum(jax.nn.one_hot(i, num_experts) for i in indices) > 0
   f = jnp.sum(chose * w[..., None], axis=1) / jnp.maximum(w.sum(1), 1.0)[:, None]
   p = jnp.sum(probs * w[..., None], axis=1) / jnp.maximum(w.sum(1), 1.0)[:, None]
-  counts = sum(jnp.sum(jax.nn.one_hot(i, num_experts) * w[..., None], axis=(0, 1))
-               for i in indices)
   stats = RouterStats(
-      aux_loss=jnp.mean(num_experts * jnp.sum(f * p, axis=-1)),
-      z_loss=jnp.zeros((), jnp.float32),
-      fraction_dropped=1.0 - sum(jnp.sum(kp * w) for kp in kept) / (n_valid * k),
-      expert_fraction=counts / (n_valid * k),
-      router_confidence=sum(jnp.sum(g * w) for g in gates) / (n_valid * k))
+      aux_loss_sum=jnp.sum(num_experts * jnp.sum(f * p, axis=-1)),
+      z_loss_sum=jnp.zeros((), jnp.float32),
+      groups=jnp.asarray(valid.shape[0], jnp.float32), tokens=w.sum(), assigned=w.sum() * k,
+      kept=sum(jnp.sum(kp * w) for kp in kept),
+      expert_counts=sum(jnp.sum(jax.nn.one_hot(i, num_experts) * w[..., None], axis=(0, 1))
+                        for i in indices),
+      confidence_sum=sum(jnp.sum(g * w) for g in gates))
   return y, stats

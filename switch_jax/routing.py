@@ -44,13 +44,13 @@ class SlotRouting:
 
 @flax.struct.dataclass
 class SortedRouting:
-  """Dropless routing: every (token, choice) sorted by expert.
+  """Dropless routing: every (token, choice) of every group sorted by expert.
 
   Attributes:
-    order: <int32>[G, S * K] flat (choice-major) assignment index, sorted by
-      expert; assignment a is token a % S, choice a // S.
-    group_sizes: <int32>[G, E] number of assignments per expert (padding
-      tokens are sorted last, into no expert).
+    order: <int32>[K * T] assignment ids (T = G * S tokens, choice-major:
+      assignment a is flat token a % T, choice a // T), sorted by expert
+      with padding tokens last.
+    group_sizes: <int32>[E] number of (real) assignments per expert.
     weight: <float32>[G, S, K] combine weight of each choice (0 for padding).
   """
   order: jax.Array
@@ -60,21 +60,47 @@ class SortedRouting:
 
 @flax.struct.dataclass
 class RouterStats:
-  """What every Switch layer reports (all float32, averaged over groups).
+  """Additive sums over a layer's groups, so that device shards can `psum`
+  them before dividing (all float32).
 
   Attributes:
-    aux_loss: load-balancing loss `E * sum_i f_i P_i`, unscaled by alpha.
-    z_loss: router z-loss `mean (logsumexp logits)^2`.
-    fraction_dropped: share of real (token, choice) assignments dropped.
-    expert_fraction: <float32>[E] share of assignments per expert, before
-      capacity dropping.
-    router_confidence: mean router probability of the chosen expert(s).
+    aux_loss_sum: sum over groups of each group's load-balancing loss
+      `E * sum_i f_i P_i` (unscaled by alpha; f_i counted before dropping).
+    z_loss_sum: sum over real tokens of `logsumexp(logits)^2`.
+    groups: number of groups.
+    tokens: number of real tokens.
+    assigned: real (token, choice) assignments; for expert choice, the real
+      tokens (each should reach some expert).
+    kept: assignments that got a slot; for expert choice, tokens some expert
+      picked.
+    expert_counts: <float32>[E] assignments per expert before dropping (for
+      expert choice, picks per expert).
+    confidence_sum: summed router probability of those assignments.
   """
-  aux_loss: jax.Array
-  z_loss: jax.Array
-  fraction_dropped: jax.Array
-  expert_fraction: jax.Array
-  router_confidence: jax.Array
+  aux_loss_sum: jax.Array
+  z_loss_sum: jax.Array
+  groups: jax.Array
+  tokens: jax.Array
+  assigned: jax.Array
+  kept: jax.Array
+  expert_counts: jax.Array
+  confidence_sum: jax.Array
+
+  def psum(self, axis_names) -> "RouterStats":
+    return jax.tree.map(lambda v: jax.lax.psum(v, axis_names), self)
+
+  def metrics(self) -> dict[str, jax.Array]:
+    """What every Switch layer reports: aux_loss (mean over groups), z_loss
+    (mean over tokens), fraction_dropped, expert_fraction [E] and
+    router_confidence."""
+    picks = jnp.maximum(jnp.sum(self.expert_counts), 1.0)
+    return {
+        "aux_loss": self.aux_loss_sum / jnp.maximum(self.groups, 1.0),
+        "z_loss": self.z_loss_sum / jnp.maximum(self.tokens, 1.0),
+        "fraction_dropped": 1.0 - self.kept / jnp.maximum(self.assigned, 1.0),
+        "expert_fraction": self.expert_counts / picks,
+        "router_confidence": self.confidence_sum / picks,
+    }
 
 
 def expert_capacity(tokens_per_group: int, num_experts: int, capacity_factor: float,
@@ -108,7 +134,12 @@ def router_logits(x: jax.Array, kernel: jax.Array, *, dtype=jnp.float32,
 
 def load_balancing_loss(router_probs: jax.Array, expert_index: jax.Array,
                         valid: Optional[jax.Array] = None) -> jax.Array:
-  """`E * sum_i f_i P_i`, averaged over groups (1.0 at perfect balance).
+  """`E * sum_i f_i P_i`, averaged over groups (1.0 at perfect balance)."""
+  return jnp.mean(_group_balance(router_probs, expert_index, valid))
+
+
+def _group_balance(router_probs, expert_index, valid=None) -> jax.Array:
+  """<float32>[G] each group's `E * sum_i f_i P_i`.
 
   Args:
     router_probs: <float32>[G, S, E] router probabilities.
@@ -124,16 +155,24 @@ def load_balancing_loss(router_probs: jax.Array, expert_index: jax.Array,
   chose = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32).max(axis=-2)
   f = (chose * w[..., None]).sum(-2) / count
   p = (router_probs * w[..., None]).sum(-2) / count
-  return jnp.mean(num_experts * jnp.sum(f * p, axis=-1))
+  return num_experts * jnp.sum(f * p, axis=-1)
 
 
 def router_z_loss(logits: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
   """Mean over real tokens of `logsumexp(logits)^2` (ST-MoE)."""
-  z = jax.nn.logsumexp(logits, axis=-1) ** 2
   if valid is None:
-    return jnp.mean(z)
-  w = valid.astype(jnp.float32)
-  return jnp.sum(z * w) / jnp.maximum(jnp.sum(w), 1.0)
+    valid = jnp.ones(logits.shape[:-1], bool)
+  return _z_loss_sum(logits, valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def _z_loss_sum(logits: jax.Array, valid: jax.Array) -> jax.Array:
+  z = jax.nn.logsumexp(logits, axis=-1) ** 2
+  return jnp.sum(z * valid.astype(jnp.float32))
+
+
+def with_z_loss(stats: RouterStats, logits: jax.Array, valid: jax.Array) -> RouterStats:
+  """Adds the z-loss sum of <float32>[G, S, E] logits over real tokens."""
+  return stats.replace(z_loss_sum=_z_loss_sum(logits, valid))
 
 
 def top_k_choices(router_probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -229,16 +268,17 @@ def token_choice_routing(router_probs: jax.Array, valid: jax.Array, *, num_selec
 
 def _token_choice_stats(router_probs, expert_index, gate, kept, valid) -> RouterStats:
   num_experts = router_probs.shape[-1]
-  w = valid.astype(jnp.float32)[..., None]  # [G, S, 1]
-  assigned = jnp.maximum(jnp.sum(w) * expert_index.shape[-1], 1.0)
-  counts = jnp.zeros((num_experts,), jnp.float32).at[expert_index.reshape(-1)].add(
-      jnp.broadcast_to(w, expert_index.shape).reshape(-1))
+  w = jnp.broadcast_to(valid.astype(jnp.float32)[..., None], expert_index.shape)
+  counts = jnp.zeros((num_experts,), jnp.float32).at[expert_index.reshape(-1)].add(w.reshape(-1))
   return RouterStats(
-      aux_loss=load_balancing_loss(router_probs, expert_index, valid),
-      z_loss=jnp.zeros((), jnp.float32),
-      fraction_dropped=1.0 - jnp.sum(kept * w) / assigned,
-      expert_fraction=counts / assigned,
-      router_confidence=jnp.sum(gate * w) / assigned,
+      aux_loss_sum=jnp.sum(_group_balance(router_probs, expert_index, valid)),
+      z_loss_sum=jnp.zeros((), jnp.float32),
+      groups=jnp.asarray(valid.shape[0], jnp.float32),
+      tokens=jnp.sum(valid).astype(jnp.float32),
+      assigned=jnp.sum(w),
+      kept=jnp.sum(kept * w),
+      expert_counts=counts,
+      confidence_sum=jnp.sum(gate * w),
   )
 
 
@@ -262,29 +302,33 @@ def expert_choice_routing(router_probs: jax.Array, valid: jax.Array, *, capacity
   w = valid.astype(jnp.float32)
   covered = jnp.zeros((num_groups, num_tokens + 1), jnp.float32)
   covered = jax.vmap(lambda c, t: c.at[t].set(1.0))(covered, routing.slot_token)[:, :num_tokens]
-  per_expert = picked_valid.sum(axis=(0, 2)).astype(jnp.float32)
-  total_picks = jnp.maximum(per_expert.sum(), 1.0)
   stats = RouterStats(
-      aux_loss=jnp.zeros((), jnp.float32),
-      z_loss=jnp.zeros((), jnp.float32),
-      fraction_dropped=1.0 - jnp.sum(covered * w) / jnp.maximum(jnp.sum(w), 1.0),
-      expert_fraction=per_expert / total_picks,
-      router_confidence=jnp.sum(weight) / total_picks,
+      aux_loss_sum=jnp.zeros((), jnp.float32),
+      z_loss_sum=jnp.zeros((), jnp.float32),
+      groups=jnp.asarray(num_groups, jnp.float32),
+      tokens=jnp.sum(w),
+      assigned=jnp.sum(w),
+      kept=jnp.sum(covered * w),
+      expert_counts=picked_valid.sum(axis=(0, 2)).astype(jnp.float32),
+      confidence_sum=jnp.sum(weight),
   )
   return routing, stats
 
 
 def dropless_routing(router_probs: jax.Array, valid: jax.Array, *, num_selected: int = 1
                      ) -> tuple[SortedRouting, RouterStats]:
-  """Top-k routing with no capacity: every real token reaches its expert(s)."""
-  num_groups, num_tokens, num_experts = router_probs.shape
+  """Top-k routing with no capacity: every real token reaches its expert(s).
+
+  All G * S tokens are sorted together (one grouped matmul); groups only
+  shape the load-balancing statistics, as for the capacity routers.
+  """
+  num_experts = router_probs.shape[-1]
   expert_index, gate = top_k_choices(router_probs, num_selected)
-  key = jnp.where(valid[..., None], expert_index, num_experts)
-  flat_key = jnp.swapaxes(key, 1, 2).reshape(num_groups, -1)  # choice-major
-  order = jnp.argsort(flat_key, axis=1, stable=True).astype(jnp.int32)
-  group_sizes = jax.vmap(lambda k: jnp.bincount(k, length=num_experts + 1))(flat_key)
+  key = jnp.where(valid[..., None], expert_index, num_experts)  # padding sorts last
+  flat_key = jnp.moveaxis(key, -1, 0).reshape(-1)  # choice-major over all tokens
+  order = jnp.argsort(flat_key, stable=True).astype(jnp.int32)
+  group_sizes = jnp.bincount(flat_key, length=num_experts + 1)[:num_experts]
   weight = jnp.where(valid[..., None], gate, 0.0)
-  routing = SortedRouting(order, group_sizes[:, :num_experts].astype(jnp.int32), weight)
-  stats = _token_choice_stats(router_probs, expert_index, gate,
-                              jnp.broadcast_to(valid[..., None], gate.shape), valid)
-  return routing, stats
+  routing = SortedRouting(order, group_sizes.astype(jnp.int32), weight)
+  kept = jnp.broadcast_to(valid[..., None], gate.shape)
+  return routing, _token_choice_stats(router_probs, expert_index, gate, kept, valid)

@@ -11,6 +11,7 @@ import pytest
 
 from switch_jax.config import get_config
 from switch_jax.errors import ConfigError
+from switch_jax import dispatch
 from switch_jax.switch_layer import SwitchLayer, num_groups
 
 B, L, D = 2, 16, 32
@@ -156,18 +157,22 @@ def test_train_and_eval_capacity_factors():
 
 
 def test_expert_dropout_uses_its_own_rate():
+  hidden = jnp.ones((4, 256, 64))
+  out = dispatch._dropout(hidden, 0.4, jax.random.PRNGKey(1), None)
+  np.testing.assert_allclose(float(jnp.mean(out == 0)), 0.4, atol=0.02)
+  np.testing.assert_allclose(float(jnp.max(out)), 1 / 0.6, rtol=1e-5)
   cfg = _config("top1", dropout_rate=0.1, expert_dropout_rate=0.4)
+  assert cfg.expert_dropout == 0.4 and _config("top1", dropout_rate=0.1).expert_dropout == 0.1
   layer = SwitchLayer(cfg, "top1")
   x, valid = _inputs()
   params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
-  hidden = jnp.ones((4, 256, 64))
-  out = layer.apply({"params": params}, rngs={"dropout": jax.random.PRNGKey(1)},
-                    method=lambda m: m.experts.dropout(hidden, deterministic=False))
-  np.testing.assert_allclose(float(jnp.mean(out == 0)), 0.4, atol=0.02)
-  np.testing.assert_allclose(float(jnp.max(out)), 1 / 0.6, rtol=1e-5)
   train = [layer.apply({"params": params}, x, valid, deterministic=False,
                        rngs={"dropout": jax.random.PRNGKey(s)}) for s in (1, 2)]
   assert not np.allclose(train[0], train[1])
+  # Only the dropped hidden units differ: eval output is unaffected by rngs.
+  evals = [layer.apply({"params": params}, x, valid, rngs={"dropout": jax.random.PRNGKey(s)})
+           for s in (1, 2)]
+  np.testing.assert_array_equal(evals[0], evals[1])
 
 
 def test_expert_choice_refused_in_a_decoder():

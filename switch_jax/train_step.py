@@ -1,0 +1,162 @@
+"""The partitioned train and eval steps.
+
+A `TrainState` (step, params, optimizer state) lives sharded on the mesh;
+`make_train_step` jits one optimizer step with the state's shardings in and
+out, the state donated, and gradients accumulated over microbatches in a
+`lax.scan`. The loss of a batch is normalized by its real target tokens, so
+accumulating over microbatches gives the same update as one large batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from switch_jax import losses, partitioning
+from switch_jax.errors import ConfigError
+from switch_jax.model import EncoderDecoder
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                "encoder_segment_ids", "decoder_segment_ids")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+
+
+def apply_model(model: EncoderDecoder, params, batch: Batch, *, deterministic: bool,
+                dropout_key: Optional[Array] = None):
+  """Teacher-forced logits <float32>[B, L, V] and the sown 'moe' collection."""
+  args = [batch.get(name) for name in MODEL_INPUTS]
+  rngs = {"dropout": dropout_key} if dropout_key is not None else {}
+  logits, state = model.apply({"params": params}, *args, deterministic=deterministic,
+                              rngs=rngs, mutable=["moe"])
+  return logits, state.get("moe")
+
+
+def loss_fn(model: EncoderDecoder, params, batch: Batch, dropout_key: Optional[Array], *,
+            z_loss: float = 1e-4, deterministic: bool = False,
+            num_tokens: Optional[Array] = None, num_microbatches: int = 1):
+  """The training loss of a (micro)batch and its metrics.
+
+  For microbatch k of M, `num_tokens` is the whole batch's real target
+  tokens: the token terms are renormalized to it and the router terms (means
+  over layers) divided by M, so the M microbatch losses sum to the batch's.
+  """
+  logits, moe = apply_model(model, params, batch, deterministic=deterministic,
+                            dropout_key=dropout_key)
+  loss, metrics = losses.total_loss(model.config, logits, batch, moe, z_loss=z_loss)
+  if num_tokens is not None:
+    token_terms = metrics["cross_entropy"] + metrics["z_loss"]
+    router_terms = loss - token_terms
+    loss = token_terms * metrics["num_tokens"] / num_tokens + router_terms / num_microbatches
+  return loss, metrics
+
+
+def _microbatches(batch: Batch, num_microbatches: int) -> Batch:
+  def split(x):
+    if x.shape[0] % num_microbatches:
+      raise ConfigError(f"batch of {x.shape[0]} cannot be split into {num_microbatches} "
+                        f"microbatches; use a divisor")
+    return x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:])
+  return jax.tree.map(split, dict(batch))
+
+
+def compute_grads(model: EncoderDecoder, params, batch: Batch, dropout_key: Array, *,
+                  num_microbatches: int = 1, z_loss: float = 1e-4):
+  """Gradients of the batch loss, summed over microbatches, and mean metrics."""
+  weights = batch.get("decoder_loss_weights")
+  weights = batch["decoder_target_tokens"] > 0 if weights is None else weights
+  num_tokens = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
+  grad_fn = jax.grad(loss_fn, argnums=1, has_aux=True)
+  if num_microbatches == 1:
+    grads, metrics = grad_fn(model, params, batch, dropout_key, z_loss=z_loss)
+    return grads, metrics
+
+  def body(acc, inputs):
+    index, micro = inputs
+    grads, metrics = grad_fn(model, params, micro, jax.random.fold_in(dropout_key, index),
+                             z_loss=z_loss, num_tokens=num_tokens,
+                             num_microbatches=num_microbatches)
+    return jax.tree.map(jnp.add, acc, grads), metrics
+
+  micro = _microbatches(batch, num_microbatches)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, metrics = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro))
+  metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+  metrics["num_tokens"] = num_tokens
+  return grads, metrics
+
+
+def train_step(state: TrainState, batch: Batch, rng: Array, *, model: EncoderDecoder,
+               optimizer: optax.GradientTransformation, num_microbatches: int = 1,
+               z_loss: float = 1e-4) -> tuple[TrainState, dict]:
+  """One optimizer step. `rng` is the run's base key; the step folds in."""
+  dropout_key = jax.random.fold_in(rng, state.step)
+  grads, metrics = compute_grads(model, state.params, batch, dropout_key,
+                                 num_microbatches=num_microbatches, z_loss=z_loss)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(params, batch: Batch, *, model: EncoderDecoder, z_loss: float = 1e-4) -> dict:
+  _, metrics = loss_fn(model, params, batch, None, z_loss=z_loss, deterministic=True)
+  return metrics
+
+
+def init_fn(model: EncoderDecoder, optimizer: optax.GradientTransformation, batch_size: int,
+            lengths: tuple[int, int]) -> Callable[[Array], TrainState]:
+  """A function rng -> TrainState (boxed params stripped), for jit or eval_shape."""
+  enc = jnp.ones((batch_size, lengths[0]), jnp.int32)
+  dec = jnp.ones((batch_size, lengths[1]), jnp.int32)
+
+  def init(rng):
+    params = nn.unbox(model.init(rng, enc, dec)["params"])
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  return init
+
+
+def state_shardings(model: EncoderDecoder, optimizer, mesh: Mesh, batch_size: int,
+                    lengths: tuple[int, int]) -> TrainState:
+  """NamedShardings for the train state: params by their logical axes, the
+  optimizer state like the parameters it tracks."""
+  enc = jnp.ones((batch_size, lengths[0]), jnp.int32)
+  dec = jnp.ones((batch_size, lengths[1]), jnp.int32)
+  boxed = jax.eval_shape(lambda r: model.init(r, enc, dec)["params"], jax.random.PRNGKey(0))
+  param_shardings = partitioning.logical_to_sharding(boxed, mesh)
+  abstract_params = nn.unbox(boxed)
+  opt_state = jax.eval_shape(optimizer.init, abstract_params)
+  opt_shardings = partitioning.shardings_like_params(opt_state, abstract_params,
+                                                     param_shardings, mesh)
+  return TrainState(partitioning.replicated(mesh), param_shardings, opt_shardings)
+
+
+def make_train_step(model: EncoderDecoder, optimizer, mesh: Mesh, shardings: TrainState, *,
+                    num_microbatches: int = 1, z_loss: float = 1e-4, donate: bool = True):
+  """The jitted, partitioned train step: (state, batch, rng) -> (state, metrics)."""
+  step = functools.partial(train_step, model=model, optimizer=optimizer,
+                           num_microbatches=num_microbatches, z_loss=z_loss)
+  batch_sharding = partitioning.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding, partitioning.replicated(mesh)),
+                 out_shardings=(shardings, partitioning.replicated(mesh)),
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_init(model: EncoderDecoder, optimizer, mesh: Mesh, shardings: TrainState,
+              batch_size: int, lengths: tuple[int, int]):
+  """The jitted state initializer, writing each shard on its own device."""
+  return jax.jit(init_fn(model, optimizer, batch_size, lengths), out_shardings=shardings)

@@ -1,0 +1,1 @@
+"""Converters between other frameworks' checkpoints and ours (see hf.py)."""

@@ -97,7 +97,7 @@ class RouterStats:
     return {
         "aux_loss": self.aux_loss_sum / jnp.maximum(self.groups, 1.0),
         "z_loss": self.z_loss_sum / jnp.maximum(self.tokens, 1.0),
-        "fraction_dropped": 1.0 - self.kept / jnp.maximum(self.assigned, 1.0),
+        "fraction_dropped": (self.assigned - self.kept) / jnp.maximum(self.assigned, 1.0),
         "expert_fraction": self.expert_counts / picks,
         "router_confidence": self.confidence_sum / picks,
     }

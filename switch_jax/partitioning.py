@@ -104,27 +104,28 @@ def _key_names(path) -> tuple[str, ...]:
 def shardings_like_params(tree, abstract_params, param_shardings, mesh: Mesh):
   """Shardings for optimizer state: each leaf follows the parameter it
   belongs to (matched by path suffix), so expert statistics stay split over
-  `expert` like the expert weights. A leaf with one axis fewer than its
-  parameter (a factored second moment) drops that axis from the spec;
-  anything else (step counters) is replicated.
+  `expert` like the expert weights. A leaf of the parameter's rank whose
+  axes are the parameter's or 1 (a factored second moment kept with size-1
+  reduced axes) takes the parameter's spec with those axes unsplit; anything
+  else (step counters, placeholders) is replicated.
   """
   by_path = {}
   flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   flat_shardings = jax.tree.leaves(param_shardings)
   for (path, leaf), sharding in zip(flat_params, flat_shardings):
-    by_path[_key_names(path)] = (leaf.shape, sharding.spec)
+    by_path[_key_names(path)] = (tuple(leaf.shape), sharding.spec)
 
   def place(path, leaf):
     names = _key_names(path)
+    shape = tuple(leaf.shape)
     for start in range(len(names)):
       if names[start:] in by_path:
-        shape, spec = by_path[names[start:]]
-        spec = tuple(spec) + (None,) * (len(shape) - len(spec))
-        if tuple(leaf.shape) == tuple(shape):
-          return NamedSharding(mesh, P(*spec))
-        for axis in reversed(range(len(shape))):
-          if tuple(leaf.shape) == tuple(shape[:axis]) + tuple(shape[axis + 1:]):
-            return NamedSharding(mesh, P(*(spec[:axis] + spec[axis + 1:])))
+        param_shape, spec = by_path[names[start:]]
+        spec = tuple(spec) + (None,) * (len(param_shape) - len(spec))
+        if len(shape) == len(param_shape) and all(
+            s in (p, 1) for s, p in zip(shape, param_shape)):
+          return NamedSharding(mesh, P(*(a if s == p else None
+                                         for a, s, p in zip(spec, shape, param_shape))))
         break
     return NamedSharding(mesh, P())
 

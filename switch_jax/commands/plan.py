@@ -1,0 +1,235 @@
+"""`switch-jax plan`: per-device memory, all-to-all traffic and FLOPs of a
+train step of a config on a (data, expert, model) mesh.
+
+  switch-jax plan --model switch_c_2048 --mesh 1,2048,1 --batch_size 2048 \\
+      --set dtype=bfloat16 --device_memory_gib 32
+  switch-jax plan --model tiny_switch --set num_experts=8 --mesh 1,8,1 \\
+      --batch_size 8 --input_length 8 --target_length 8 --emulate_devices 8 --compile
+
+The plan is analytic, so the mesh may be far larger than this machine.
+With --compile (and a mesh that fits the local or --emulate_devices CPU
+devices) it also compiles the real step and prints XLA's figures beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+
+from switch_jax.config import ModelConfig, get_config
+from switch_jax.errors import ConfigError, UserError
+
+GIB = 2 ** 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model", required=True, help="a named config, e.g. switch_c_2048")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a ModelConfig field (repeatable), e.g. dtype=bfloat16")
+  parser.add_argument("--mesh", required=True,
+                      help="data,expert,model sizes; one may be -1 (write --mesh=-1,8,1)")
+  parser.add_argument("--num_devices", type=int,
+                      help="devices of the planned system (resolves a -1 in --mesh)")
+  parser.add_argument("--batch_size", type=int, required=True, help="global sequences per step")
+  parser.add_argument("--input_length", type=int, default=512)
+  parser.add_argument("--target_length", type=int, default=114)
+  parser.add_argument("--optimizer", choices=("adafactor", "adam"), default="adafactor")
+  parser.add_argument("--num_microbatches", type=int, default=1)
+  parser.add_argument("--device_memory_gib", type=float, default=16.0,
+                      help="memory per chip (16 TPU v3, 32 TPU v4)")
+  parser.add_argument("--compile", action="store_true",
+                      help="also compile the step on local devices if the mesh fits them")
+  parser.add_argument("--emulate_devices", type=int,
+                      help="emulate this many CPU devices (set before JAX starts)")
+  parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def model_config(args) -> ModelConfig:
+  """The named config with --set overrides (the one place a gin file will
+  feed in later)."""
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  overrides = {}
+  for item in args.set:
+    name, sep, text = item.partition("=")
+    if not sep or name.strip() not in fields:
+      raise UserError(f"--set {item!r}: expected FIELD=VALUE with FIELD a ModelConfig field")
+    try:
+      value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      value = text.strip()  # a bare string such as bfloat16
+    overrides[name.strip()] = value
+  return get_config(args.model, **overrides)
+
+
+def _emulate(num_devices: int) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", num_devices)
+  except RuntimeError:
+    raise UserError(f"JAX already started with {jax.device_count()} devices; "
+                    f"--emulate_devices {num_devices} must come before it starts") from None
+
+
+def _mesh(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(s) for s in text.split(","))
+  except ValueError:
+    raise UserError(f"--mesh {text!r}: expected data,expert,model integers") from None
+
+
+def _plan_args(args, **changes) -> dict:
+  out = dict(batch_size=args.batch_size, input_length=args.input_length,
+             target_length=args.target_length, optimizer=args.optimizer,
+             num_microbatches=args.num_microbatches, device_memory_gib=args.device_memory_gib)
+  out.update(changes)
+  return out
+
+
+def alternatives(config: ModelConfig, plan, args) -> list[str]:
+  """Changes that bring a plan that does not fit closer, with their totals."""
+  from switch_jax import planning  # pylint: disable=import-outside-toplevel
+  data, expert, model = plan.mesh_shape
+  candidates = [("--num_microbatches ", m, config, plan.mesh_shape, {"num_microbatches": m})
+                for m in (2, 4, 8, 16) if m > plan.num_microbatches]
+  if config.dtype == "float32":
+    candidates.append(("--set dtype=", "bfloat16", config.replace(dtype="bfloat16"),
+                       plan.mesh_shape, {}))
+  if args.optimizer == "adam":
+    candidates.append(("--optimizer ", "adafactor", config, plan.mesh_shape,
+                       {"optimizer": "adafactor"}))
+  for new_mesh in ((data // 2, expert * 2, model), (data // 2, expert, model * 2),
+                   (data, expert // 2, model * 2)):
+    if math.prod(new_mesh) == plan.num_devices:
+      candidates.append(("--mesh ", ",".join(map(str, new_mesh)), config, new_mesh, {}))
+  candidates.append(("--batch_size ", args.batch_size // 2, config, plan.mesh_shape,
+                     {"batch_size": args.batch_size // 2}))
+  found = []
+  for flag, value, cfg, mesh, changes in candidates:
+    try:
+      other = planning.plan(cfg, mesh, **_plan_args(args, **changes))
+    except ConfigError:
+      continue
+    if other.total_bytes < plan.total_bytes:
+      verdict = ", fits" if other.fits else ""
+      found.append((other.total_bytes, f"{flag}{value} ({_size(other.total_bytes)}{verdict})"))
+  return [text for _, text in sorted(found)][:4]
+
+
+def _size(num_bytes: float) -> str:
+  for unit, scale in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+    if num_bytes >= scale:
+      return f"{num_bytes / scale:.2f} {unit}"
+  return f"{num_bytes:.0f} B"
+
+
+def _table(name: str, config: ModelConfig, plan, compiled, analytic_optax) -> str:
+  g = lambda b: f"{_size(b):>14s}"
+  data, expert, model = plan.mesh_shape
+  lines = [
+      f"{name}: {plan.num_params:.4g} parameters ({plan.num_expert_params:.4g} in experts), "
+      f"activations {plan.dtype}",
+      f"mesh: data {data} x expert {expert} x model {model} = {plan.num_devices} devices",
+      f"step: {plan.batch_size} sequences x ({plan.input_length} + {plan.target_length}) tokens, "
+      f"{plan.num_microbatches} microbatch(es), {plan.optimizer}",
+      "",
+      "per device                       analytic" + ("          compiled" if compiled else ""),
+  ]
+  rows = [("parameters (float32)", plan.param_bytes, "param_bytes"),
+          (f"optimizer state ({plan.optimizer})", plan.optimizer_bytes, "optimizer_bytes"),
+          ("gradients (float32)", plan.gradient_bytes, None),
+          ("activations (estimate)", plan.activation_bytes, None),
+          ("batch", plan.batch_bytes, "batch_bytes")]
+  for label, value, key in rows:
+    line = f"  {label:29s}{g(value)}"
+    if compiled and key:
+      line = f"  {label:29s}{g(getattr(analytic_optax, key))}{g(getattr(compiled, key))}"
+    lines.append(line)
+  if compiled:
+    temp = analytic_optax.gradient_bytes + analytic_optax.activation_bytes
+    lines.append(f"  {'gradients + activations':29s}{g(temp)}{g(compiled.temp_bytes)}  (XLA temp)")
+    lines.append(f"  {'total':29s}{g(analytic_optax.total_bytes)}{g(compiled.peak_bytes)}")
+  else:
+    lines.append(f"  {'total':29s}{g(plan.total_bytes)}")
+  verdict = "fits" if plan.fits else "DOES NOT FIT"
+  lines.append(f"  {'device memory':29s}{g(plan.device_memory_bytes)}  {verdict}")
+  if compiled and plan.optimizer == "adafactor":
+    lines.append("  (compiled: optax.adafactor stand-in; the analytic column uses its "
+                 f"factoring; with t5x's the total is {_size(plan.total_bytes)})")
+  lines.append("")
+  stacks = {}
+  for r in plan.switch_routing:
+    stacks.setdefault(r.name.split("/")[0], []).append(r)
+  for stack, layers in stacks.items():
+    r = layers[0]
+    per_device = r.groups // (data * expert)
+    plural = "s" if len(layers) > 1 else ""
+    lines.append(f"{stack}: {len(layers)} Switch layer{plural} ({r.router}), per device "
+                 f"{per_device} group(s) of {r.group_tokens} tokens, capacity {r.capacity}, expert work "
+                 f"{r.slots_per_token:.2f}x a dense FFN per token, all-to-all "
+                 f"{_size(plan.all_to_all_per_layer[r.name])} per layer per microbatch")
+    if r.router != "dropless" and r.slots_per_token > 2 * config.train_capacity_factor:
+      lines.append(f"  note: the minimum capacity ({config.min_expert_capacity}) binds: "
+                   f"{r.group_tokens} tokens per group for {config.num_experts} experts; more "
+                   f"tokens per device (batch or group size) would amortize it")
+  a2a = plan.all_to_all_bytes
+  line = f"all-to-all sent per device per step: {_size(a2a)} ({a2a:,} bytes)"
+  if compiled:
+    line += (f"; compiled: {compiled.all_to_all_bytes:,} bytes in HLO, "
+             f"{compiled.program_all_to_all_bytes:,} in the program")
+  lines.append(line)
+  flops = plan.forward_flops_parts
+  total = sum(flops.values())
+  share = ", ".join(f"{k} {v / total:.0%}" for k, v in flops.items() if v) if total else ""
+  lines.append(f"FLOPs: forward {plan.forward_flops_per_token:.4g} per token ({share}); "
+               f"training (3x forward) {plan.train_flops_per_step:.4g} per step, "
+               f"{plan.train_flops_per_step / plan.num_devices:.4g} per device")
+  return "\n".join(lines)
+
+
+def run(args) -> int:
+  if args.emulate_devices:
+    _emulate(args.emulate_devices)
+  from switch_jax import planning  # pylint: disable=import-outside-toplevel
+  config = model_config(args)
+  mesh = _mesh(args.mesh)
+  num_devices = args.num_devices
+  if num_devices is None and -1 in mesh:
+    if not (args.compile or args.emulate_devices):
+      raise UserError(f"--mesh {args.mesh} has a -1: pass --num_devices to resolve it")
+    import jax  # pylint: disable=import-outside-toplevel
+    num_devices = jax.device_count()
+  plan = planning.plan(config, mesh, num_devices=num_devices, **_plan_args(args))
+  compiled = analytic_optax = None
+  note = None
+  if args.compile:
+    import jax  # pylint: disable=import-outside-toplevel
+    if plan.num_devices > jax.device_count():
+      note = (f"not compiled: the mesh needs {plan.num_devices} devices, {jax.device_count()} "
+              f"are local (--emulate_devices {plan.num_devices} emulates them on CPU)")
+    else:
+      compiled = planning.compiled_memory(
+          config, plan.mesh_shape, batch_size=args.batch_size, input_length=args.input_length,
+          target_length=args.target_length, optimizer=args.optimizer,
+          num_microbatches=args.num_microbatches)
+      analytic_optax = planning.plan(config, plan.mesh_shape, adafactor_factoring="optax",
+                                     **_plan_args(args))
+  warning = None
+  if plan.fits is False:
+    options = alternatives(config, plan, args)
+    warning = (f"WARNING: needs {_size(plan.total_bytes)} per device, more than the "
+               f"{args.device_memory_gib:g} GiB given; try "
+               + ("; ".join(options) if options else "more devices (a larger mesh)"))
+  if args.json:
+    print(json.dumps({"model": args.model, "plan": plan.to_dict(),
+                      "compiled": compiled.to_dict() if compiled else None,
+                      "note": note, "warning": warning}, indent=2, default=str))
+    return 0
+  print(_table(args.model, config, plan, compiled, analytic_optax))
+  for line in (note, warning):
+    if line:
+      print(line)
+  return 0

@@ -1,0 +1,138 @@
+"""`switch-jax eval`: evaluate a checkpoint on a task's eval split.
+
+    switch-jax eval --checkpoint /runs/rte --task super_glue_rte_v102 \\
+      --feature_lengths 512,8 --batch_size 32 [--decode beam] [--output_dir DIR]
+
+or, t5x style, from gin files (the `evaluate` configurable):
+
+    switch-jax eval --gin_file=runs/eval.gin --gin.CHECKPOINT_PATH=\\"/runs/rte\\" ...
+
+Prints teacher-forced loss and token accuracy, and the task's own metrics
+on decoded outputs (if it has any); `--output_dir` also gets them as
+`eval_results.json`. Plain flags given with gin files override the gin
+bindings.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from switch_jax.commands import gin_flags
+from switch_jax.errors import UserError
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+  """The plain flags naming a checkpoint, a task and how to decode (eval, infer)."""
+  parser.add_argument("--checkpoint", help="model checkpoint, training run dir or step dir")
+  parser.add_argument("--task", help="seqio task or mixture (`switch-jax tasks` lists them)")
+  parser.add_argument("--split", default=None, help="split to read (default validation)")
+  parser.add_argument("--feature_lengths", default=None,
+                      help="INPUTS,TARGETS token lengths (default 512,114)")
+  parser.add_argument("--batch_size", type=int, default=None, help="global batch size")
+  parser.add_argument("--decode", choices=("greedy", "beam"), default=None,
+                      help="decoding for predictions (default greedy)")
+  parser.add_argument("--beam_size", type=int, default=None, help="beams (default 4)")
+  parser.add_argument("--max_examples", type=int, default=None,
+                      help="read at most this many examples")
+  parser.add_argument("--mesh_shape", default=None,
+                      help="DATA,EXPERT,MODEL device mesh; one -1 takes the rest "
+                           "(default: --mesh_shape=-1,1,1)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  gin_flags.add_gin_arguments(parser)
+  add_dataset_arguments(parser)
+  parser.add_argument("--output_dir", default=None, help="write eval_results.json here")
+
+
+def _ints(text: str, count: int, flag: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if len(values) != count:
+    raise UserError(f"{flag} takes {count} comma-separated integers, got {text!r}")
+  return values
+
+
+def setup(args) -> None:
+  """JAX and gin as the flags ask. Without gin files, `--gin.` bindings
+  still apply (e.g. a vocabulary path); anything else takes its default."""
+  if args.gin_file:
+    gin_flags.setup(args)
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  if args.num_cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
+  if args.distributed:
+    jax.distributed.initialize()
+  bindings = list(getattr(args, "gin_bindings", []))
+  if bindings:
+    import gin  # pylint: disable=import-outside-toplevel
+    from switch_jax import gin_config  # pylint: disable=import-outside-toplevel
+    gin_config.register()
+    try:
+      gin.parse_config_files_and_bindings([], bindings, finalize_config=False)
+    except (ValueError, SyntaxError, KeyError, TypeError) as e:
+      raise UserError(f"gin: {str(e).strip()}".replace("\n", " | ")) from None
+
+
+def plain_kwargs(args) -> dict:
+  """Keyword arguments for `evaluate` / `infer` from the plain flags given."""
+  from switch_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  kwargs = {}
+  if args.checkpoint:
+    kwargs["checkpoint_path"] = args.checkpoint
+  if args.task:
+    lengths = _ints(args.feature_lengths or "512,114", 2, "--feature_lengths")
+    kwargs["dataset"] = pipeline.DatasetConfig(
+        args.task, {"inputs": lengths[0], "targets": lengths[1]},
+        split=args.split or "validation", batch_size=args.batch_size or 32, shuffle=False,
+        pack=False, tfds_data_dir=args.tfds_data_dir)
+  elif args.split or args.feature_lengths:
+    raise UserError("--split and --feature_lengths need --task")
+  if args.batch_size is not None and args.batch_size <= 0:
+    raise UserError(f"--batch_size must be positive, got {args.batch_size}")
+  for name in ("decode", "beam_size", "max_examples"):
+    if getattr(args, name) is not None:
+      kwargs[name] = getattr(args, name)
+  if args.mesh_shape:
+    kwargs["mesh_shape"] = _ints(args.mesh_shape, 3, "--mesh_shape")
+  return kwargs
+
+
+def configured(name: str, args, kwargs: dict):
+  """The function to call: gin's configurable with the files' bindings, or
+  the plain function, with the plain flags' keyword arguments."""
+  from switch_jax import evaluation  # pylint: disable=import-outside-toplevel
+  if args.gin_file:
+    import gin  # pylint: disable=import-outside-toplevel
+    fn = gin.get_configurable(name)
+  else:
+    fn = getattr(evaluation, name)
+    if "checkpoint_path" not in kwargs:
+      raise UserError("--checkpoint is required (or give --gin_file with "
+                      "--gin.CHECKPOINT_PATH)")
+  try:
+    return fn(**kwargs)
+  except TypeError as e:  # an argument neither gin nor a flag supplied
+    if "required keyword-only argument" not in str(e):
+      raise
+    raise UserError(f"{name}: {str(e).splitlines()[0]}; bind it in gin or pass its flag"
+                    ) from None
+
+
+def run(args) -> int:
+  setup(args)
+  if not args.gin_file and not args.task:
+    raise UserError("--task is required (or give --gin_file with an evaluate.dataset)")
+  results = configured("evaluate", args, plain_kwargs(args) | (
+      {"output_dir": args.output_dir} if args.output_dir else {}))
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    for name, value in sorted(results.items()):
+      if isinstance(value, float):
+        print(f"{name:<40} {value:.6g}")
+    if args.output_dir:
+      print(f"results: {args.output_dir}/eval_results.json")
+  return 0

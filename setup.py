@@ -2,8 +2,10 @@
 
 The repository keeps `tasks/` (seqio task registrations) and `gin/` (gin
 files) at the top level where users look for them; installed, they become
-`switch_jax.tasks` and `switch_jax.gin_files`, so the CLI finds them from any
-directory.
+`switch_jax.tasks` and the data folder `switch_jax/gin_files`, so the CLI
+finds them from any directory. `gin/` has no `__init__.py` on purpose: as a
+regular package it would shadow the gin-config library for anything run
+from the repository root.
 """
 
 from setuptools import find_packages, setup
@@ -40,6 +42,7 @@ setup(
         "importlib_resources",
         "numpy>=1.26",
         "matplotlib>=3.8",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch 2.13.0's CPU build lies on the CI machines' disk; elsewhere add

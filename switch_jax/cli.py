@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from switch_jax.errors import UserError
@@ -25,7 +26,8 @@ SUBCOMMANDS = {
     "tasks": ("switch_jax.commands.tasks", "list registered seqio tasks and mixtures"),
     "vocab": ("switch_jax.commands.vocab", "train a SentencePiece vocabulary on local text"),
     "plot": ("switch_jax.commands.plot", "plot a run's loss curve and expert load"),
-    "smoke": ("switch_jax.commands.smoke", "a forward/backward run of a tiny model"),
+    "quickstart": ("switch_jax.commands.quickstart",
+                   "pretrain a small Switch model and its dense baseline on the embedded corpus"),
 }
 
 
@@ -61,7 +63,16 @@ def main(argv=None) -> int:
     sub_parser = argparse.ArgumentParser(
         prog=f"switch-jax {argv[0]}", description=commands[argv[0]][1])
     module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(argv[1:])
+    # t5x-style `--gin.NAME=VALUE` flags become gin bindings `NAME = VALUE`.
+    rest, bindings = [], []
+    for arg in argv[1:]:
+      match = re.fullmatch(r"--gin\.([^=]+)=(.*)", arg, flags=re.S)
+      if match:
+        bindings.append(f"{match.group(1)} = {match.group(2)}")
+      else:
+        rest.append(arg)
+    args = sub_parser.parse_args(rest)
+    args.gin_bindings = bindings
     try:
       return int(module.run(args) or 0)
     except UserError as e:

@@ -1,0 +1,38 @@
+"""`switch-jax train`: pretrain or fine-tune from gin files.
+
+    switch-jax train --gin_file=models/switch_base_8.gin --gin_file=runs/pretrain.gin \\
+      --gin.MODEL_DIR=\\"/tmp/run\\" --gin.MIXTURE_OR_TASK_NAME=\\"c4_span_corruption\\" \\
+      --gin.TASK_FEATURE_LENGTHS="{'inputs': 512, 'targets': 114}" --gin.TRAIN_STEPS=100000
+
+Re-running the same command resumes from the newest checkpoint in MODEL_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from switch_jax.commands import gin_flags
+
+
+def add_arguments(parser):
+  gin_flags.add_gin_arguments(parser)
+
+
+def run(args) -> int:
+  gin_flags.setup(args)
+  import gin  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from switch_jax import gin_config  # pylint: disable=import-outside-toplevel
+  train = gin.get_configurable("train")
+  model_dir = Path(gin_config.query("train.model_dir"))
+  if jax.process_index() == 0:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.gin").write_text(gin.config_str())
+  summary = train()
+  if jax.process_index() == 0:
+    (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"Done at step {summary['step']}. Checkpoints: {summary['checkpoint_dir']}; "
+          f"metrics: {model_dir / 'metrics.jsonl'}")
+  return 0

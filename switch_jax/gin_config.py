@@ -1,0 +1,121 @@
+"""Gin: what users bind, and parsing the t5x-style command line.
+
+Configurables have short names: `ModelConfig.num_experts = 8`,
+`train.eval_period = 500`, `train/DatasetConfig.batch_size = 64`. The model,
+trainer and optimizers know nothing of gin: this module registers them (data
+flows one way: gin -> config -> model/trainer -> step). The data package
+declares its own few bindings (`tfds_data_dir.path`, vocabulary paths,
+`embedded_corpus.cache_dir`, `local_files.*`).
+
+Gin files are Python-like code that can call any registered function: load
+them only from sources you trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tokenize
+from typing import Sequence
+
+import gin
+
+from switch_jax.config import ModelConfig
+from switch_jax.errors import UserError
+from switch_jax.resources import gin_dir
+
+_REGISTERED = False
+# Macros the run files mark %gin.REQUIRED, and what to pass for each.
+REQUIRED_HINTS = {
+    "MODEL_DIR": '--gin.MODEL_DIR=\\"/path/to/run\\"',
+    "MIXTURE_OR_TASK_NAME": '--gin.MIXTURE_OR_TASK_NAME=\\"c4_span_corruption\\"',
+    "TASK_FEATURE_LENGTHS": "--gin.TASK_FEATURE_LENGTHS=\"{'inputs': 512, 'targets': 114}\"",
+    "TRAIN_STEPS": "--gin.TRAIN_STEPS=100000",
+    "INITIAL_CHECKPOINT_PATH": '--gin.INITIAL_CHECKPOINT_PATH=\\"/path/to/checkpoint\\"',
+    "CHECKPOINT_PATH": '--gin.CHECKPOINT_PATH=\\"/path/to/checkpoint\\"',
+}
+
+
+def register() -> None:
+  """Registers every configurable (once per process)."""
+  global _REGISTERED
+  if _REGISTERED:
+    return
+  # Imported here: they pull in TensorFlow (data) and optax, which the
+  # model-only commands never need.
+  from switch_jax import evaluation, optimizers, trainer  # pylint: disable=import-outside-toplevel
+  from switch_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+  gin.external_configurable(ModelConfig, "ModelConfig")
+  gin.external_configurable(pipeline.DatasetConfig, "DatasetConfig")
+  gin.external_configurable(optimizers.make_optimizer, "make_optimizer")
+  gin.external_configurable(optimizers.rsqrt_schedule, "rsqrt_schedule")
+  gin.external_configurable(optimizers.constant, "constant_schedule")
+  gin.external_configurable(optimizers.warmup_decay, "warmup_decay_schedule")
+  gin.external_configurable(trainer.CheckpointConfig, "CheckpointConfig")
+  gin.external_configurable(trainer.train, "train")
+  gin.external_configurable(evaluation.evaluate, "evaluate")
+  gin.external_configurable(evaluation.infer, "infer")
+  gin.external_configurable(evaluation.InferenceEvaluator, "InferenceEvaluator")
+  _REGISTERED = True
+
+
+class _QuietMisses(logging.Filter):
+  """gin logs an ERROR for every search path a file is not in; only the
+  final failure matters, and that one we report."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith("Path not found")
+
+
+def resolve_file(name: str, search_paths: Sequence[str]) -> str:
+  """The path of gin file `name`: as given, else in `search_paths`, the
+  package's gin folder, or the current directory."""
+  if os.path.isabs(name) or os.path.exists(name):
+    return name
+  for folder in [*search_paths, str(gin_dir()), os.getcwd()]:
+    candidate = os.path.join(folder, name)
+    if os.path.exists(candidate):
+      return candidate
+  raise UserError(f"gin: no file {name!r} in {', '.join([*search_paths, str(gin_dir())])} "
+                  "or the current directory")
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str],
+          search_paths: Sequence[str] = ()) -> None:
+  """Parses files then bindings (later ones win), failing with a UserError.
+
+  Relative `--gin_file`s and `include`s are looked up in `search_paths`,
+  the package's gin folder and the current directory, in that order.
+  """
+  register()
+  gin.clear_config()
+  for path in [*search_paths, str(gin_dir()), os.getcwd()]:
+    gin.add_config_file_search_path(path)
+  if not gin_files:
+    raise UserError("no --gin_file given; e.g. --gin_file=models/switch_base_8.gin "
+                    "--gin_file=runs/pretrain.gin (`ls " + str(gin_dir()) + "` lists them)")
+  files = [resolve_file(name, search_paths) for name in gin_files]
+  quiet = _QuietMisses()
+  logging.getLogger().addFilter(quiet)
+  try:
+    gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
+  except (ValueError, OSError, SyntaxError, KeyError, TypeError, tokenize.TokenError) as e:
+    message = str(e).strip().replace("\n", " | ")
+    raise UserError(f"gin: {message}") from None
+  finally:
+    logging.getLogger().removeFilter(quiet)
+  missing = re.findall(r"^(\w+) = %gin\.REQUIRED$", gin.config_str(), flags=re.M)
+  if missing:
+    fixes = " ".join(REQUIRED_HINTS.get(name, f"--gin.{name}=...") for name in missing)
+    raise UserError(f"gin: {', '.join(missing)} must be set (marked %gin.REQUIRED); "
+                    f"pass e.g. {fixes}")
+
+
+def query(name: str):
+  """The value bound to `name` (e.g. 'train.model_dir'), macros resolved."""
+  value = gin.query_parameter(name)
+  if isinstance(value, gin.config.ConfigurableReference) and value.selector == "gin.macro":
+    return query(f"{value.scopes[0]}/macro.value")
+  return value

@@ -1,0 +1,139 @@
+"""Training checkpoints: periodic, asynchronous, keep-N, resumable on any mesh.
+
+`MODEL_DIR/checkpoints/<step>/` holds three orbax items:
+  params/     the parameter tree (also what fine-tuning and export read)
+  opt_state/  the step counter and optimizer state
+  meta/       JSON: the model config, the data position (batches consumed)
+              and the training dataset, so a resumed run reads on exactly
+              where it stopped.
+Orbax writes each step into a temporary directory and renames it when
+complete, so a step directory that exists is whole; the previous step is
+deleted only after the next one is finalized. Restores target the current
+mesh's shardings, so a run can resume on a different mesh shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from switch_jax import checkpoints
+from switch_jax.config import ModelConfig
+from switch_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+ITEMS = ("params", "opt_state", "meta")
+
+
+def _manager(directory: Path, keep: Optional[int] = None, async_save: bool = True,
+             read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
+      create=not read_only, cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+
+
+class TrainCheckpointer:
+  """Saves and restores a run's state under `model_dir/checkpoints`."""
+
+  def __init__(self, model_dir, keep: Optional[int] = 3, async_save: bool = True):
+    self.directory = Path(model_dir).absolute() / "checkpoints"
+    self._manager = _manager(self.directory, keep, async_save)
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state, config: ModelConfig, data_position: dict) -> None:
+    """Starts an asynchronous save of `state` (a TrainState) at `step`."""
+    meta = {"step": int(step), "model_config": config.to_json(), "data": data_position}
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state) -> Optional[tuple[int, Any, dict]]:
+    """The newest step that restores cleanly, onto `abstract_state`'s shardings.
+
+    A step whose files are damaged is reported and skipped for the one
+    before it. Returns (step, state, meta), or None when there is none.
+    """
+    for step in reversed(self.steps()):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            opt_state=ocp.args.StandardRestore(
+                {"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # orbax raises many types for damaged files
+        log.warning("checkpoint %d under %s cannot be restored (%s: %s); trying an earlier one",
+                    step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        continue
+      state = abstract_state.replace(step=restored.opt_state["step"], params=restored.params,
+                                     opt_state=restored.opt_state["opt_state"])
+      return step, state, dict(restored.meta)
+    return None
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _step_dir(path: Path) -> Optional[Path]:
+  """The step directory a user's path names: a step dir, or a model dir's /
+  checkpoints dir's newest step."""
+  if (path / "params").is_dir() and (path / "meta").is_dir():
+    return path
+  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+  steps = sorted((int(p.name), p) for p in root.glob("[0-9]*") if p.name.isdigit())
+  for _, step_dir in reversed(steps):
+    if (step_dir / "params").is_dir():
+      return step_dir
+  return None
+
+
+def load_config(path) -> ModelConfig:
+  """The model config of a model checkpoint or a training checkpoint."""
+  path = Path(path)
+  if (path / checkpoints.METADATA_FILE).is_file():
+    return checkpoints.load_config(path)
+  step_dir = _step_dir(path)
+  if step_dir is None:
+    raise UserError(f"{path} is neither a model checkpoint (config.json, params/) nor a "
+                    "training run or checkpoint (checkpoints/<step>/params)")
+  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
+  return ModelConfig.from_json(meta["model_config"])
+
+
+def load_params(path, target) -> Any:
+  """Parameters from a model checkpoint (`switch-jax convert`) or from a
+  training run (its newest step, or the step directory given), restored onto
+  `target`: a tree of `jax.ShapeDtypeStruct`s with the shardings wanted."""
+  path = Path(path).absolute()
+  if (path / checkpoints.METADATA_FILE).is_file():
+    checkpoints.load_metadata(path)
+    params_dir = path / checkpoints.PARAMS_DIR
+  else:
+    step_dir = _step_dir(path)
+    if step_dir is None:
+      raise UserError(f"{path} holds no parameters: expected a model checkpoint "
+                      "(config.json, params/) or a training run (checkpoints/<step>/params)")
+    params_dir = step_dir / "params"
+  with ocp.StandardCheckpointer() as checkpointer:
+    try:
+      return checkpointer.restore(params_dir, target)
+    except (ValueError, KeyError) as e:
+      raise UserError(f"{params_dir} does not match the model being built: "
+                      f"{str(e).splitlines()[0][:300]}") from None
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs with shardings, for restoring without allocating twice."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

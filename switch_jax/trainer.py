@@ -1,0 +1,272 @@
+"""The training loop, t5x-style: data, state, restore, loop, eval, save.
+
+`train` is what `switch-jax train` runs with its arguments bound by gin.
+Re-running the same command resumes from the newest complete checkpoint
+(parameters, optimizer state and data position). SIGTERM, which is how
+pods announce preemption, saves the current step and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from switch_jax import partitioning, run_logging, train_checkpoints
+from switch_jax import train_step as ts
+from switch_jax.config import ModelConfig
+from switch_jax.data import pipeline
+from switch_jax.errors import ConfigError, UserError
+from switch_jax.model import EncoderDecoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """When to save and how many to keep.
+
+  Attributes:
+    period: save every `period` steps (and always at the end).
+    keep: newest checkpoints to keep; None keeps all.
+    async_save: write in the background while training goes on.
+  """
+  period: int = 1000
+  keep: Optional[int] = 3
+  async_save: bool = True
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _initial_state(model, optimizer, mesh, shardings, abstract_state, init_batch_shape,
+                   initial_checkpoint_path, seed):
+  """Fresh parameters, or a checkpoint's parameters with a fresh optimizer."""
+  init = ts.make_init(model, optimizer, mesh, shardings, *init_batch_shape)
+  if initial_checkpoint_path is None:
+    return init(jax.random.PRNGKey(seed))
+  stored = train_checkpoints.load_config(initial_checkpoint_path)
+  _check_compatible(stored, model.config, initial_checkpoint_path)
+  params = train_checkpoints.load_params(initial_checkpoint_path, abstract_state.params)
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+  log.info("initialized parameters from %s; optimizer state reset", initial_checkpoint_path)
+  return ts.TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+
+
+# Fields that may differ between a checkpoint and the model that reads it.
+_TRAINING_ONLY_FIELDS = {
+    "dropout_rate", "expert_dropout_rate", "train_capacity_factor", "eval_capacity_factor",
+    "expert_capacity", "min_expert_capacity", "group_size", "jitter_noise", "dtype",
+    "router_dtype", "aux_loss_factor", "router_z_loss_factor", "dispatch",
+    "batch_prioritized_routing", "ignore_padding_tokens", "router", "decoder_router",
+}
+
+
+def _check_compatible(stored: ModelConfig, wanted: ModelConfig, path) -> None:
+  diffs = [f"{f.name}: checkpoint {getattr(stored, f.name)!r}, run {getattr(wanted, f.name)!r}"
+           for f in dataclasses.fields(ModelConfig)
+           if f.name not in _TRAINING_ONLY_FIELDS
+           and getattr(stored, f.name) != getattr(wanted, f.name)]
+  if diffs:
+    raise ConfigError(f"the model config does not match the checkpoint {path}: "
+                      + "; ".join(diffs) + ". Use the model gin file the checkpoint was "
+                      "made with (or `switch-jax convert`'s config).")
+
+
+def _host_batches(dataset: pipeline.DatasetConfig, start_batch: int):
+  return pipeline.get_batches(dataset, jax.process_index(), jax.process_count(),
+                              start_batch=start_batch)
+
+
+def _to_global(batch: Mapping[str, np.ndarray], sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def _tokens(batch: Mapping[str, np.ndarray]) -> float:
+  """Real input + target tokens in this host's batch, times the hosts."""
+  count = sum(int(np.count_nonzero(batch[k])) for k in
+              ("encoder_input_tokens", "decoder_target_tokens") if k in batch)
+  return float(count * jax.process_count())
+
+
+def _evaluate(model, params, dataset, mesh, eval_steps):
+  """Validation loss and accuracy over at most `eval_steps` batches."""
+  from switch_jax import evaluation  # pylint: disable=import-outside-toplevel
+  batches = pipeline.get_eval_batches(dataset, jax.process_index(), jax.process_count())
+  limited = (b for i, b in zip(range(eval_steps), batches))
+  return evaluation.eval_metrics(model, params, limited, mesh=mesh,
+                                 batch_size=dataset.batch_size // jax.process_count())
+
+
+def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.DatasetConfig,
+          total_steps: int, optimizer: Callable[..., Any], learning_rate: Callable[[int], Any],
+          eval_dataset: Optional[pipeline.DatasetConfig] = None, eval_period: int = 1000,
+          eval_steps: int = 20, inference_evaluator: Optional[Callable[..., Any]] = None,
+          mesh_shape: Sequence[int] = (-1, 1, 1), num_microbatches: int = 1,
+          z_loss: float = 1e-4, random_seed: int = 0, log_period: int = 10,
+          checkpoint: CheckpointConfig = CheckpointConfig(),
+          initial_checkpoint_path: Optional[str] = None,
+          stop_at_step: Optional[int] = None) -> dict:
+  """Trains (or resumes) a model; returns the last train and eval metrics.
+
+  Args:
+    model_dir: where checkpoints, metrics.jsonl and TensorBoard logs go.
+    model_config: the model.
+    train_dataset: the training stream (global batch size).
+    total_steps: train until this step.
+    optimizer: `optimizer(learning_rate=..., boxed_params=...)` -> an optax
+      GradientTransformation (gin: `@make_optimizer`).
+    learning_rate: schedule, step -> rate (gin: `@rsqrt_schedule()`).
+    eval_dataset: validation data for loss/accuracy every `eval_period`.
+    eval_steps: validation batches per evaluation.
+    inference_evaluator: `inference_evaluator(model=, mesh=)` -> an object
+      with `evaluate(params, step) -> dict` (decoding + the task's metrics).
+    mesh_shape: (data, expert, model); -1 takes the remaining devices.
+    num_microbatches: gradient accumulation steps per batch.
+    z_loss: output-logit z-loss coefficient.
+    random_seed: seeds initialization and dropout.
+    log_period: steps between metrics records.
+    checkpoint: save period and retention.
+    initial_checkpoint_path: start from these parameters (a `convert`ed
+      checkpoint or a training run) with a fresh optimizer: fine-tuning.
+    stop_at_step: stop (after saving) at this step even if total_steps is
+      further: to run a schedule in several sessions.
+  """
+  # Data and state plans are checked before anything is compiled.
+  mesh_shape = partitioning.resolve_mesh_shape(mesh_shape, jax.device_count())
+  partitioning.check_fits(model_config, mesh_shape, train_dataset.batch_size)
+  pipeline.get_mixture_or_task(train_dataset.mixture_or_task_name)
+  if eval_dataset is not None:
+    pipeline.get_mixture_or_task(eval_dataset.mixture_or_task_name)
+  if total_steps <= 0:
+    raise ConfigError(f"total_steps must be positive, got {total_steps}")
+  model_dir = Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  lengths = (train_dataset.task_feature_lengths["inputs"],
+             train_dataset.task_feature_lengths["targets"])
+
+  mesh = partitioning.make_mesh(mesh_shape)
+  model = EncoderDecoder(model_config)
+  with jax.set_mesh(mesh):
+    boxed = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.ones((1, lengths[0]), jnp.int32),
+        jnp.ones((1, lengths[1]), jnp.int32))["params"])
+    tx = optimizer(learning_rate=learning_rate, boxed_params=boxed)
+    shardings = ts.state_shardings(model, tx, mesh, 1, lengths)
+    abstract_state = train_checkpoints.abstract_like(
+        jax.eval_shape(ts.init_fn(model, tx, 1, lengths), jax.random.PRNGKey(0)), shardings)
+
+    checkpointer = train_checkpoints.TrainCheckpointer(model_dir, checkpoint.keep,
+                                                       checkpoint.async_save)
+    restored = checkpointer.restore_latest(abstract_state)
+    if restored is not None:
+      step, state, meta = restored
+      start_batch = int(meta["data"]["batches"])
+      if meta["data"].get("dataset") != _dataset_record(train_dataset):
+        log.warning("the training data settings changed since step %d; reading on from "
+                    "batch %d of the new stream", step, start_batch)
+      print(f"Resuming from {checkpointer.directory / str(step)} at step {step}", flush=True)
+    else:
+      state = _initial_state(model, tx, mesh, shardings, abstract_state, (1, lengths),
+                             initial_checkpoint_path, random_seed)
+      step, start_batch = 0, 0
+
+    step_fn = ts.make_train_step(model, tx, mesh, shardings, num_microbatches=num_microbatches,
+                                 z_loss=z_loss)
+    batch_sharding = partitioning.batch_sharding(mesh)
+    batches = _host_batches(train_dataset, start_batch)
+    logger = run_logging.MetricsLogger(model_dir, total_steps, enabled=jax.process_index() == 0)
+    evaluator = (inference_evaluator(model=model, mesh=mesh)
+                 if inference_evaluator is not None else None)
+    rng = jax.random.PRNGKey(random_seed + 1)
+    last_step = min(total_steps, stop_at_step or total_steps)
+    summary: dict = {}
+
+    def save(at_step):
+      checkpointer.save(at_step, state, model_config,
+                        {"batches": start_batch + at_step - first_step,
+                         "dataset": _dataset_record(train_dataset)})
+
+    first_step = int(step)
+    window_start, window_tokens, window_steps = time.monotonic(), 0.0, 0
+    with _Preemption() as preemption:
+      while step < last_step:
+        host_batch = next(batches)
+        state, metrics = step_fn(state, _to_global(host_batch, batch_sharding), rng)
+        step += 1
+        if step == first_step + 1:  # the first step compiled: keep it out of the timing
+          jax.block_until_ready(metrics)
+          window_start = time.monotonic()
+        else:
+          window_tokens += _tokens(host_batch)
+          window_steps += 1
+        if step % log_period == 0 or step == last_step:
+          metrics = jax.device_get(metrics)  # waits for the step: the timing is honest
+          seconds = (time.monotonic() - window_start) / max(window_steps, 1)
+          record = run_logging.to_record(step, metrics, learning_rate=learning_rate(step - 1),
+                                         tokens=window_tokens / max(window_steps, 1),
+                                         seconds_per_step=seconds if window_steps else 0.0)
+          _check_finite(record, step)
+          logger.write(record)
+          logger.progress(record)
+          summary["train"] = record
+          window_start, window_tokens, window_steps = time.monotonic(), 0.0, 0
+        if eval_dataset is not None and (step % eval_period == 0 or step == last_step):
+          summary["eval"] = {"step": step, **_evaluate(model, state.params, eval_dataset, mesh,
+                                                       eval_steps)}
+          if evaluator is not None:
+            summary["eval"].update(evaluator.evaluate(state.params, step))
+          logger.write(summary["eval"], prefix="eval")
+        if step % checkpoint.period == 0 or step == last_step or preemption.requested:
+          save(step)
+        if step % eval_period == 0 or step % checkpoint.period == 0:  # not training time
+          window_start, window_tokens, window_steps = time.monotonic(), 0.0, 0
+        if preemption.requested:
+          print(f"SIGTERM: saved step {step}; exiting", flush=True)
+          break
+    checkpointer.close()
+    logger.close()
+  summary["step"] = int(step)
+  summary["checkpoint_dir"] = str(checkpointer.directory)
+  return summary
+
+
+def _dataset_record(dataset: pipeline.DatasetConfig) -> dict:
+  record = dataclasses.asdict(dataset)
+  record["task_feature_lengths"] = dict(record["task_feature_lengths"])
+  return record
+
+
+def _check_finite(record: Mapping, step: int) -> None:
+  if not np.isfinite(record.get("loss", 0.0)):
+    raise UserError(f"the loss is {record['loss']} at step {step}; lower the learning rate, "
+                    "keep the router in float32, or restart from the last checkpoint")

@@ -1,0 +1,94 @@
+"""Every gin file parses and finalizes; model files equal the named configs;
+missing REQUIRED macros and bad bindings fail with a message naming the fix."""
+
+from pathlib import Path
+
+import gin
+import pytest
+
+from switch_jax import gin_config
+from switch_jax.config import NAMED_CONFIGS
+from switch_jax.errors import UserError
+from switch_jax.resources import gin_dir
+
+GIN = gin_dir()
+MODEL_FILES = sorted(p.stem for p in (GIN / "models").glob("*.gin"))
+RUN_FILES = sorted(p.name for p in (GIN / "runs").glob("*.gin"))
+REQUIRED = ['MODEL_DIR = "/tmp/x"', 'MIXTURE_OR_TASK_NAME = "embedded_span_corruption"',
+            "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}", "TRAIN_STEPS = 10",
+            'INITIAL_CHECKPOINT_PATH = "/tmp/ckpt"', 'CHECKPOINT_PATH = "/tmp/ckpt"']
+
+
+def _model_config():
+  return gin.get_configurable("ModelConfig")()
+
+
+def test_every_named_config_has_a_model_file():
+  assert set(MODEL_FILES) == set(NAMED_CONFIGS)
+
+
+@pytest.mark.parametrize("name", MODEL_FILES)
+def test_model_file_equals_named_config(name):
+  gin_config.parse([f"models/{name}.gin"], [])
+  assert _model_config() == NAMED_CONFIGS[name]
+
+
+@pytest.mark.parametrize("run_file", RUN_FILES)
+def test_run_files_parse_and_finalize(run_file):
+  gin_config.parse(["models/tiny_switch.gin", f"runs/{run_file}", "precision/bfloat16.gin",
+                    "mesh/cpu8.gin"], REQUIRED)
+  gin.finalize()
+  assert _model_config().dtype == "bfloat16"
+  if run_file in ("pretrain.gin", "finetune.gin", "quickstart.gin"):
+    assert gin_config.query("train.mesh_shape") == (2, 4, 1)
+    assert gin_config.query("train.model_dir") == "/tmp/x"
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(GIN)) for d in ("precision", "mesh")
+                                        for p in (GIN / d).glob("*.gin")))
+def test_precision_and_mesh_files_parse(path):
+  gin_config.parse(["models/tiny_dense.gin", "runs/pretrain.gin", path], REQUIRED[:4])
+  gin.finalize()
+
+
+def test_finetune_resets_to_the_paper_settings():
+  gin_config.parse(["models/tiny_switch.gin", "runs/finetune.gin"], REQUIRED)
+  cfg = _model_config()
+  assert (cfg.dropout_rate, cfg.expert_dropout) == (0.1, 0.4)
+  assert gin_config.query("train.initial_checkpoint_path") == "/tmp/ckpt"
+
+
+def test_each_knob_is_one_binding():
+  bindings = ["ModelConfig.train_capacity_factor = 1.0", "ModelConfig.router = 'top2'",
+              "ModelConfig.num_experts = 16", "ModelConfig.aux_loss_factor = 0.001",
+              "ModelConfig.router_z_loss_factor = 0.001", "ModelConfig.expert_dropout_rate = 0.3",
+              "ModelConfig.dtype = 'bfloat16'"]
+  gin_config.parse(["models/tiny_switch.gin", "runs/pretrain.gin"], REQUIRED[:4] + bindings)
+  cfg = _model_config()
+  assert (cfg.train_capacity_factor, cfg.router, cfg.num_experts, cfg.aux_loss_factor,
+          cfg.router_z_loss_factor, cfg.expert_dropout, cfg.dtype) == (
+              1.0, "top2", 16, 0.001, 0.001, 0.3, "bfloat16")
+
+
+def test_missing_required_macro_names_the_flag():
+  with pytest.raises(UserError, match=r"MODEL_DIR, TRAIN_STEPS must be set.*--gin.MODEL_DIR="):
+    gin_config.parse(["models/tiny_switch.gin", "runs/pretrain.gin"], REQUIRED[1:3])
+
+
+@pytest.mark.parametrize("binding,message", [
+    ("ModelConfig.num_expert = 8", "doesn't have a parameter named 'num_expert'"),
+    ("NoSuchThing.x = 1", "No configurable matching 'NoSuchThing'"),
+    ("ModelConfig.num_experts = (", "gin:"),
+])
+def test_bad_bindings_are_user_errors(binding, message):
+  with pytest.raises(UserError, match=message):
+    gin_config.parse(["models/tiny_switch.gin"], [binding])
+
+
+def test_missing_gin_file_is_a_user_error(tmp_path):
+  with pytest.raises(UserError, match="no file 'nope.gin'"):
+    gin_config.parse(["nope.gin"], [])
+  own = Path(tmp_path) / "mine.gin"
+  own.write_text("include 'models/tiny_dense.gin'\nModelConfig.d_model = 48\n")
+  gin_config.parse([str(own)], [])
+  assert _model_config().d_model == 48

@@ -32,7 +32,7 @@ class ExpertShards:
     num_expert_shards: its size.
     model_axis: axis splitting the experts' hidden width (outputs are
       summed over it), or None.
-    device_axes: every mesh axis, to give each device its own dropout mask.
+    device_axes: the axes to give each device its own dropout mask over.
   """
   expert_axis: str
   num_expert_shards: int

@@ -46,6 +46,7 @@ def register() -> None:
   # model-only commands never need.
   from switch_jax import evaluation, optimizers, trainer  # pylint: disable=import-outside-toplevel
   from switch_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  import switch_jax.tasks  # pylint: disable=import-outside-toplevel,unused-import  # its bindings
 
   gin.external_configurable(ModelConfig, "ModelConfig")
   gin.external_configurable(pipeline.DatasetConfig, "DatasetConfig")

@@ -51,8 +51,10 @@ def mesh_layout(num_experts: int) -> tuple[tuple[str, ...], Optional[dispatch.Ex
                       f"{sizes['expert']} devices; use a divisor of {num_experts}")
   batch_axes = tuple(a for a in BATCH_AXES if a in sizes)
   model_axis = "model" if sizes.get("model", 1) > 1 else None
-  return batch_axes, dispatch.ExpertShards("expert", sizes["expert"], model_axis,
-                                           tuple(mesh.axis_names))
+  # Dropout masks differ per device along every axis the hidden units are
+  # split over; 'model' only when it splits them (its outputs are summed).
+  mask_axes = batch_axes + ((model_axis,) if model_axis else ())
+  return batch_axes, dispatch.ExpertShards("expert", sizes["expert"], model_axis, mask_axes)
 
 
 class Router(nn.Module):

@@ -1,0 +1,162 @@
+"""The train loop end to end: the real CLI killed and resumed, and
+fine-tuning a converted Hugging Face checkpoint on a mocked SuperGLUE task."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from switch_jax import gin_config, run_logging, train_checkpoints
+from switch_jax.data import vocabularies
+
+WORDS = ("expert router token capacity layer model train batch switch sparse dense group "
+         "gate loss step shard mesh device parallel tensor weight gradient update")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A small text corpus and a SentencePiece vocabulary trained on it."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  words = WORDS.split()
+  lines = [" ".join(rng.choice(words, size=rng.integers(8, 40))) + "." for _ in range(600)]
+  (root / "train.txt").write_text("\n".join(lines[:500]) + "\n")
+  (root / "validation.txt").write_text("\n".join(lines[500:]) + "\n")
+  vocab = vocabularies.train_sentencepiece([str(root / "train.txt")], 120, str(root / "vocab"))
+  return root, vocab.sentencepiece_model_file
+
+
+def _train_args(corpus, model_dir, steps):
+  root, vocab = corpus
+  return [
+      "--num_cpu_devices=8", "--gin_file=models/tiny_switch.gin", "--gin_file=runs/pretrain.gin",
+      "--gin_file=mesh/cpu8.gin", f'--gin.MODEL_DIR="{model_dir}"',
+      '--gin.MIXTURE_OR_TASK_NAME="local_span_corruption"',
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", f"--gin.TRAIN_STEPS={steps}",
+      "--gin.BATCH_SIZE=8", f'--gin.local_files.train="{root / "train.txt"}"',
+      f'--gin.local_files.validation="{root / "validation.txt"}"',
+      f'--gin.local_vocabulary_path.path="{vocab}"', "--gin.ModelConfig.vocab_size=256",
+      "--gin.ModelConfig.dropout_rate=0.1", "--gin.train.log_period=1",
+      "--gin.train.eval_period=1000", "--gin.CheckpointConfig.period=2",
+      "--gin.make_optimizer.name='adam'", "--gin.rsqrt_schedule.warmup_steps=10",
+  ]
+
+
+def _cli(args, **kw):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  return subprocess.Popen([sys.executable, "-m", "switch_jax.cli", "train", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                          **kw)
+
+
+def _final_params(model_dir, step):
+  config = train_checkpoints.load_config(Path(model_dir) / "checkpoints" / str(step))
+  from switch_jax.param_count import abstract_params  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  target = nn.unbox(abstract_params(config))
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        target)
+  return train_checkpoints.load_params(Path(model_dir) / "checkpoints" / str(step), target)
+
+
+def test_killed_run_resumes_and_ends_bit_identical(corpus, tmp_path):
+  steps = 8
+  killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+  # An uninterrupted run, and one SIGKILLed once its step-4 checkpoint is on disk.
+  clean = _cli(_train_args(corpus, clean_dir, steps))
+  victim = _cli(_train_args(corpus, killed_dir, steps))
+  deadline = time.monotonic() + 600
+  while not (killed_dir / "checkpoints" / "4").is_dir():
+    assert victim.poll() is None, victim.communicate()[0][-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.2)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  clean_out = clean.communicate(timeout=600)[0]
+  assert clean.returncode == 0, clean_out[-3000:]
+  resumed = _cli(_train_args(corpus, killed_dir, steps))
+  out = resumed.communicate(timeout=600)[0]
+  assert resumed.returncode == 0, out[-3000:]
+  first = [line for line in out.splitlines() if line.startswith("Resuming from")]
+  assert first and int(first[0].split()[-1]) >= 4, out[-3000:]
+  # Same parameters as the run that was never interrupted, bit for bit.
+  a, b = _final_params(killed_dir, steps), _final_params(clean_dir, steps)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Both wrote one record per step; the resumed run appended, not rewrote.
+  clean_steps = [r["step"] for r in run_logging.read_records(clean_dir)]
+  assert clean_steps == list(range(1, steps + 1))
+  killed_records = run_logging.read_records(killed_dir)
+  assert killed_records[-1]["step"] == steps
+  assert killed_records[-1]["loss"] == pytest.approx(run_logging.read_records(clean_dir)[-1]["loss"])
+  config_gin = (clean_dir / "config.gin").read_text()
+  assert "ModelConfig.num_experts = 4" in config_gin
+
+
+def test_missing_required_macro_fails_before_training(corpus, tmp_path):
+  args = [a for a in _train_args(corpus, tmp_path / "run", 4) if "TRAIN_STEPS" not in a]
+  proc = _cli(args)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 2
+  assert "TRAIN_STEPS must be set" in out and "Traceback" not in out
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_finetune_converted_hf_checkpoint_on_mocked_superglue(corpus, tmp_path):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from transformers import (  # pylint: disable=import-outside-toplevel
+      SwitchTransformersConfig, SwitchTransformersForConditionalGeneration)
+  from switch_jax import checkpoints, cli  # pylint: disable=import-outside-toplevel
+
+  _, vocab = corpus
+  torch.manual_seed(0)
+  hf = SwitchTransformersForConditionalGeneration(SwitchTransformersConfig(
+      vocab_size=256, d_model=32, d_ff=64, d_kv=16, num_heads=2, num_layers=2,
+      num_decoder_layers=2, num_sparse_encoder_layers=1, num_sparse_decoder_layers=1,
+      num_experts=4, expert_capacity=64, router_jitter_noise=0.0, dropout_rate=0.0,
+      relative_attention_num_buckets=8, relative_attention_max_distance=16,
+      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+  hf.save_pretrained(tmp_path / "hf")
+  assert cli.main(["convert", "--from", "hf", "--hf_dir", str(tmp_path / "hf"),
+                   "--out", str(tmp_path / "ckpt")]) == 0
+  config = checkpoints.load_config(tmp_path / "ckpt")
+  bindings = [f"ModelConfig.{name} = {value!r}" for name, value in dataclasses.asdict(config).items()
+              if name not in ("dropout_rate", "expert_dropout_rate")]
+  bindings += [
+      f'MODEL_DIR = "{tmp_path / "run"}"', 'MIXTURE_OR_TASK_NAME = "super_glue_rte_v102"',
+      "TASK_FEATURE_LENGTHS = {'inputs': 48, 'targets': 8}", "TRAIN_STEPS = 4",
+      "BATCH_SIZE = 8", f'INITIAL_CHECKPOINT_PATH = "{tmp_path / "ckpt"}"',
+      f'c4_vocabulary_path.path = "{vocab}"', "train.eval_period = 4", "train.eval_steps = 2",
+      "InferenceEvaluator.max_examples = 8", "InferenceEvaluator.batch_size = 8",
+      "CheckpointConfig.async_save = False"]
+  with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+    gin_config.parse(["runs/finetune.gin", "mesh/cpu8.gin"], bindings)
+    summary = gin.get_configurable("train")()
+  assert summary["step"] == 4
+  evaluation = summary["eval"]
+  assert 0.0 <= evaluation["super_glue_rte_v102/accuracy"] <= 100.0
+  assert np.isfinite(evaluation["cross_entropy"]) and evaluation["num_tokens"] > 0
+  assert np.isfinite(summary["train"]["loss"])
+  # Fine-tuning moved the converted weights, from a fresh optimizer.
+  start = _final_params_from(tmp_path / "ckpt")
+  end = _final_params(tmp_path / "run", 4)
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+           for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(end))]
+  assert min(moved) > 0.0
+  assert (tmp_path / "run" / "checkpoints" / "4").is_dir()
+
+
+def _final_params_from(model_checkpoint):
+  from switch_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  return checkpoints.load_model(model_checkpoint)[1]

@@ -13,10 +13,10 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Mapping, Optional
 
 import numpy as np
+from etils import epath
 
 SCALARS = {
     "loss": "loss", "cross_entropy": "cross_entropy", "accuracy": "accuracy",
@@ -50,21 +50,33 @@ class MetricsLogger:
     self.enabled = enabled  # only process 0 writes
     self.total_steps = total_steps
     self.stream = stream or sys.stdout
-    self.path = Path(model_dir) / filename
+    self.path = epath.Path(model_dir) / filename
+    # Buckets cannot append: keep the lines and rewrite the file instead.
+    self._remote = "://" in str(self.path)
+    self._lines = (self.path.read_text().splitlines(keepends=True)
+                   if self._remote and enabled and self.path.exists() else [])
     self._writer = None
     self._start = time.monotonic()
     self._start_step: Optional[int] = None
     if enabled and tensorboard:
       # tensorboardX writes event files without TensorBoard itself installed.
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._writer = SummaryWriter(str(Path(model_dir) / "tensorboard"))
+      try:
+        self._writer = SummaryWriter(str(epath.Path(model_dir) / "tensorboard"))
+      except Exception as e:  # e.g. a bucket tensorboardX cannot write to
+        print(f"TensorBoard events disabled: {type(e).__name__}: {e}", file=self.stream)
 
   def write(self, record: Mapping, prefix: str = "train") -> None:
     if not self.enabled:
       return
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps({"split": prefix, **record}, sort_keys=True) + "\n")
+    line = json.dumps({"split": prefix, **record}, sort_keys=True) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
+    else:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(line)
     if self._writer is not None:
       step = int(record["step"])
       for name, value in record.items():
@@ -106,7 +118,7 @@ def _duration(seconds: float) -> str:
 
 def read_records(model_dir, split: Optional[str] = "train") -> list[dict]:
   """The records of metrics.jsonl (of one split), skipping a torn last line."""
-  path = Path(model_dir) / "metrics.jsonl"
+  path = epath.Path(model_dir) / "metrics.jsonl"
   records = []
   if not path.is_file():
     return records

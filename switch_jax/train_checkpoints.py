@@ -15,11 +15,11 @@ mesh's shardings, so a run can resume on a different mesh shape.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from switch_jax import checkpoints
 from switch_jax.config import ModelConfig
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 ITEMS = ("params", "opt_state", "meta")
 
 
-def _manager(directory: Path, keep: Optional[int] = None, async_save: bool = True,
+def _manager(directory: epath.Path, keep: Optional[int] = None, async_save: bool = True,
              read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only,
@@ -41,7 +41,7 @@ class TrainCheckpointer:
   """Saves and restores a run's state under `model_dir/checkpoints`."""
 
   def __init__(self, model_dir, keep: Optional[int] = 3, async_save: bool = True):
-    self.directory = Path(model_dir).absolute() / "checkpoints"
+    self.directory = absolute(model_dir) / "checkpoints"
     self._manager = _manager(self.directory, keep, async_save)
 
   def steps(self) -> list[int]:
@@ -85,7 +85,13 @@ class TrainCheckpointer:
     self._manager.close()
 
 
-def _step_dir(path: Path) -> Optional[Path]:
+def absolute(path) -> epath.Path:
+  """A local path made absolute; a bucket path (gs://...) as it is."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else path.absolute()
+
+
+def _step_dir(path: epath.Path) -> Optional[epath.Path]:
   """The step directory a user's path names: a step dir, or a model dir's /
   checkpoints dir's newest step."""
   if (path / "params").is_dir() and (path / "meta").is_dir():
@@ -100,7 +106,7 @@ def _step_dir(path: Path) -> Optional[Path]:
 
 def load_config(path) -> ModelConfig:
   """The model config of a model checkpoint or a training checkpoint."""
-  path = Path(path)
+  path = absolute(path)
   if (path / checkpoints.METADATA_FILE).is_file():
     return checkpoints.load_config(path)
   step_dir = _step_dir(path)
@@ -115,7 +121,7 @@ def load_params(path, target) -> Any:
   """Parameters from a model checkpoint (`switch-jax convert`) or from a
   training run (its newest step, or the step directory given), restored onto
   `target`: a tree of `jax.ShapeDtypeStruct`s with the shardings wanted."""
-  path = Path(path).absolute()
+  path = absolute(path)
   if (path / checkpoints.METADATA_FILE).is_file():
     checkpoints.load_metadata(path)
     params_dir = path / checkpoints.PARAMS_DIR

@@ -12,13 +12,14 @@ import dataclasses
 import logging
 import signal
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 
 from switch_jax import partitioning, run_logging, train_checkpoints
 from switch_jax import train_step as ts
@@ -45,17 +46,29 @@ class CheckpointConfig:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+  """Turns SIGTERM into a stop at a step every host agrees on.
+
+  One process: our own SIGTERM handler sets a flag. Several: hosts get the
+  signal at different moments, and stopping (and saving, a collective) at
+  different steps would hang the pod, so they agree through JAX's preemption
+  sync point (its service handles the signal), or, without that service,
+  by gathering our flags every step.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._jax_service = False
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
+    if jax.process_count() > 1:
+      state = getattr(getattr(jax, "_src").distributed, "global_state", None)
+      self._jax_service = getattr(state, "preemption_sync_manager", None) is not None
+    if not self._jax_service:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):
@@ -65,6 +78,15 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self, step: int) -> bool:
+    """Whether every host stops after this step."""
+    if jax.process_count() == 1:
+      return self.requested
+    if self._jax_service:
+      return multihost_utils.reached_preemption_sync_point(step)
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.max(flags))
 
 
 def _initial_state(model, optimizer, mesh, shardings, abstract_state, init_batch_shape,
@@ -169,7 +191,7 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
     pipeline.get_mixture_or_task(eval_dataset.mixture_or_task_name)
   if total_steps <= 0:
     raise ConfigError(f"total_steps must be positive, got {total_steps}")
-  model_dir = Path(model_dir)
+  model_dir = epath.Path(model_dir)  # local or a bucket (gs://...)
   model_dir.mkdir(parents=True, exist_ok=True)
   lengths = (train_dataset.task_feature_lengths["inputs"],
              train_dataset.task_feature_lengths["targets"])
@@ -246,12 +268,13 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
           if evaluator is not None:
             summary["eval"].update(evaluator.evaluate(state.params, step))
           logger.write(summary["eval"], prefix="eval")
-        if step % checkpoint.period == 0 or step == last_step or preemption.requested:
+        stopping = preemption.agreed(step)
+        if step % checkpoint.period == 0 or step == last_step or stopping:
           save(step)
         if step % eval_period == 0 or step % checkpoint.period == 0:  # not training time
           window_start, window_tokens, window_steps = time.monotonic(), 0.0, 0
-        if preemption.requested:
-          print(f"SIGTERM: saved step {step}; exiting", flush=True)
+        if stopping:
+          print(f"Preempted (SIGTERM): saved step {step}; exiting", flush=True)
           break
     checkpointer.close()
     logger.close()

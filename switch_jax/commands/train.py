@@ -10,7 +10,6 @@ Re-running the same command resumes from the newest checkpoint in MODEL_DIR.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from switch_jax.commands import gin_flags
 
@@ -26,7 +25,8 @@ def run(args) -> int:
 
   from switch_jax import gin_config  # pylint: disable=import-outside-toplevel
   train = gin.get_configurable("train")
-  model_dir = Path(gin_config.query("train.model_dir"))
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  model_dir = epath.Path(gin_config.query("train.model_dir"))
   if jax.process_index() == 0:
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.gin").write_text(gin.config_str())

@@ -13,7 +13,7 @@ from flax import traverse_util
 from switch_jax import losses
 from switch_jax.config import NAMED_CONFIGS, PUBLISHED_SIZES, get_config
 from switch_jax.model import EncoderDecoder
-from switch_jax.param_count import count_params
+from switch_jax.param_count import abstract_params, count_params
 
 B, LE, LD = 2, 12, 8
 
@@ -27,8 +27,22 @@ def _batch(seed=0, vocab=128):
 
 
 @functools.lru_cache(maxsize=None)
+def _jitted_apply(model):
+  return jax.jit(model.apply, static_argnames=("deterministic", "mutable", "method", "decode"))
+
+
+def _apply(model, *args, **kwargs):
+  """model.apply, compiled once per model and shapes (eager flax is slow)."""
+  return _jitted_apply(model)(*args, **kwargs)
+
+
 def _model(name, **overrides):
-  cfg = get_config(name, **dict(overrides))
+  return _build(get_config(name, **overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def _build(cfg):
+  """One model and init per distinct config, however it was asked for."""
   model = EncoderDecoder(cfg)
   enc, dec_in, tgt = _batch()
   params = jax.jit(model.init)(jax.random.PRNGKey(0), enc, dec_in, tgt)["params"]
@@ -47,7 +61,7 @@ def test_parameter_tree_layout():
   boxed = traverse_util.flatten_dict(params, sep="/")
   assert boxed["token_embedder/embedding"].names == ("vocab", "embed")
   assert boxed["decoder/layers_1/mlp/experts/wo"].names == ("expert", "mlp", "embed")
-  _, _, untied = _model("tiny_switch", tie_embeddings=False)
+  untied = abstract_params(get_config("tiny_switch", tie_embeddings=False))
   assert nn.unbox(untied)["decoder"]["logits_dense"].shape == (32, 128)
 
 
@@ -62,11 +76,12 @@ def test_reduced_scale_truncated_normal_init():
 
 @pytest.mark.parametrize("name", ["tiny_dense", "tiny_switch"])
 def test_padding_does_not_change_real_positions(name):
-  cfg, model, params = _model(name, group_size=None)
+  cfg, model, params = _model(name)  # tiny configs route one sequence per group
+  assert cfg.group_size is None
   enc, dec_in, tgt = _batch()
-  logits = model.apply({"params": params}, enc, dec_in, tgt)
+  logits = _apply(model, {"params": params}, enc, dec_in, tgt)
   pad = lambda t, n: jnp.pad(t, ((0, 0), (0, n)))
-  longer = model.apply({"params": params}, pad(enc, 4), pad(dec_in, 3), pad(tgt, 3))
+  longer = _apply(model, {"params": params}, pad(enc, 4), pad(dec_in, 3), pad(tgt, 3))
   real = np.asarray(tgt > 0)  # padded target positions are never read
   np.testing.assert_allclose(np.asarray(longer[:, :LD])[real], np.asarray(logits)[real], atol=1e-5)
 
@@ -79,11 +94,12 @@ def test_packing_equals_separate_examples(name):
   e0, e1 = enc[0, :6], enc[1, :5]
   t0, t1 = tgt[0, :4], tgt[1, :3]
   shift = lambda t: jnp.concatenate([jnp.zeros((1,), jnp.int32), t[:-1]])
-  packed = model.apply(
-      {"params": params}, jnp.concatenate([e0, e1])[None], jnp.concatenate([shift(t0), shift(t1)])[None],
-      jnp.concatenate([t0, t1])[None], jnp.array([[1] * 6 + [2] * 5]), jnp.array([[1] * 4 + [2] * 3]))
-  alone0 = model.apply({"params": params}, e0[None], shift(t0)[None], t0[None])
-  alone1 = model.apply({"params": params}, e1[None], shift(t1)[None], t1[None])
+  packed = _apply(
+      model, {"params": params}, jnp.concatenate([e0, e1])[None],
+      jnp.concatenate([shift(t0), shift(t1)])[None], jnp.concatenate([t0, t1])[None],
+      jnp.array([[1] * 6 + [2] * 5]), jnp.array([[1] * 4 + [2] * 3]))
+  alone0 = _apply(model, {"params": params}, e0[None], shift(t0)[None], t0[None])
+  alone1 = _apply(model, {"params": params}, e1[None], shift(t1)[None], t1[None])
   np.testing.assert_allclose(packed[0, :4], alone0[0], atol=1e-5)
   np.testing.assert_allclose(packed[0, 4:], alone1[0], atol=1e-5)
 
@@ -92,13 +108,13 @@ def test_packing_equals_separate_examples(name):
 def test_incremental_decoding_equals_teacher_forcing(name):
   cfg, model, params = _model(name, tie_embeddings=name != "tiny_switch_relu")
   enc, dec_in, _ = _batch()
-  full = model.apply({"params": params}, enc, dec_in)
-  encoded = model.apply({"params": params}, enc, method=model.encode)
-  _, state = model.apply({"params": params}, encoded, enc, jnp.zeros_like(dec_in), decode=True,
-                         mutable=["cache"], method=model.decode)
+  full = _apply(model, {"params": params}, enc, dec_in)
+  encoded = _apply(model, {"params": params}, enc, method="encode")
+  _, state = _apply(model, {"params": params}, encoded, enc, jnp.zeros_like(dec_in), decode=True,
+                         mutable=("cache",), method="decode")
   step = jax.jit(lambda cache, token: model.apply(
       {"params": params, "cache": cache}, encoded, enc, token, decode=True, mutable=["cache"],
-      method=model.decode))
+      method="decode"))
   cache, outs = state["cache"], []
   for t in range(LD):
     logits, state = step(cache, dec_in[:, t:t + 1])
@@ -111,13 +127,13 @@ def test_bfloat16_activations_keep_float32_router_and_params():
   cfg, model, params = _model("tiny_switch")
   enc, dec_in, tgt = _batch()
   bf16 = EncoderDecoder(cfg.replace(dtype="bfloat16"))
-  logits32 = model.apply({"params": params}, enc, dec_in, tgt)
-  logits16, state = bf16.apply({"params": params}, enc, dec_in, tgt, mutable=["moe"])
+  logits32 = _apply(model, {"params": params}, enc, dec_in, tgt)
+  logits16, state = _apply(bf16, {"params": params}, enc, dec_in, tgt, mutable=("moe",))
   assert logits16.dtype == jnp.float32
   np.testing.assert_allclose(logits16, logits32, atol=0.15)
   # The router ran in float32: its z-loss is a float32 statistic equal to
   # the float32 model's to bf16-input precision.
-  _, state32 = model.apply({"params": params}, enc, dec_in, tgt, mutable=["moe"])
+  _, state32 = _apply(model, {"params": params}, enc, dec_in, tgt, mutable=("moe",))
   z16 = state["moe"]["encoder"]["layers_1"]["mlp"]["z_loss"][0]
   z32 = state32["moe"]["encoder"]["layers_1"]["mlp"]["z_loss"][0]
   assert z16.dtype == jnp.float32
@@ -128,18 +144,19 @@ def test_dropout_only_in_training():
   cfg, _, params = _model("tiny_switch")
   model = EncoderDecoder(cfg.replace(dropout_rate=0.3))
   enc, dec_in, tgt = _batch()
-  a = model.apply({"params": params}, enc, dec_in, tgt)
-  b = model.apply({"params": params}, enc, dec_in, tgt, rngs={"dropout": jax.random.PRNGKey(3)})
+  a = _apply(model, {"params": params}, enc, dec_in, tgt)
+  b = _apply(model, {"params": params}, enc, dec_in, tgt, rngs={"dropout": jax.random.PRNGKey(3)})
   np.testing.assert_array_equal(a, b)
-  c = model.apply({"params": params}, enc, dec_in, tgt, deterministic=False,
+  c = _apply(model, {"params": params}, enc, dec_in, tgt, deterministic=False,
                   rngs={"dropout": jax.random.PRNGKey(3)})
   assert not np.allclose(a, c)
 
 
 def test_total_loss_adds_averaged_router_losses():
-  cfg, model, params = _model("tiny_switch", aux_loss_factor=0.01, router_z_loss_factor=0.001)
+  _, model, params = _model("tiny_switch")
+  cfg = model.config.replace(aux_loss_factor=0.01, router_z_loss_factor=0.001)
   enc, dec_in, tgt = _batch()
-  logits, state = model.apply({"params": params}, enc, dec_in, tgt, mutable=["moe"])
+  logits, state = _apply(model, {"params": params}, enc, dec_in, tgt, mutable=("moe",))
   loss, metrics = losses.total_loss(cfg, logits, {"decoder_target_tokens": tgt}, state["moe"],
                                     z_loss=1e-4)
   moe = traverse_util.flatten_dict(state["moe"])

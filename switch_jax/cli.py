@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 
@@ -53,8 +54,19 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
   return parser
 
 
+def _keep_writes_in_the_cache() -> None:
+  """TensorFlow (Keras) and matplotlib write config files under $HOME on
+  import; point them at switch-jax's own cache so a run writes only there
+  and in its model dir."""
+  cache = os.environ.get("SWITCH_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "switch_jax")
+  os.environ.setdefault("KERAS_HOME", os.path.join(cache, "keras"))
+  os.environ.setdefault("MPLCONFIGDIR", os.path.join(cache, "matplotlib"))
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  _keep_writes_in_the_cache()
   commands = _available()
   parser = build_parser(commands)
   # Parse the subcommand name first, then let its module add its own flags.

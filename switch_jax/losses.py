@@ -59,7 +59,10 @@ def router_metrics(moe_state: Mapping) -> dict[str, Array]:
     by_name.setdefault(path[-1], []).extend(values)
   if not by_name:
     return {}
-  out = {name: jnp.mean(jnp.stack(values), axis=0) for name, values in by_name.items()}
+  out = {name: jnp.mean(jnp.stack(values), axis=0) for name, values in by_name.items()
+         if name != "max_abs_logit"}
+  if "max_abs_logit" in by_name:  # per layer: which layer is near overflow
+    out["max_abs_logit_per_layer"] = jnp.stack(by_name["max_abs_logit"])
   out["expert_fraction_per_layer"] = jnp.stack(by_name["expert_fraction"])
   out["num_moe_layers"] = jnp.asarray(len(by_name["aux_loss"]), jnp.float32)
   return out

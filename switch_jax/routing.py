@@ -76,6 +76,8 @@ class RouterStats:
     expert_counts: <float32>[E] assignments per expert before dropping (for
       expert choice, picks per expert).
     confidence_sum: summed router probability of those assignments.
+    max_abs_logit: the largest |router logit| (a max, not a sum): how close
+      the router is to overflowing, reported when a step goes non-finite.
   """
   aux_loss_sum: jax.Array
   z_loss_sum: jax.Array
@@ -85,9 +87,13 @@ class RouterStats:
   kept: jax.Array
   expert_counts: jax.Array
   confidence_sum: jax.Array
+  max_abs_logit: jax.Array = 0.0
 
   def psum(self, axis_names) -> "RouterStats":
-    return jax.tree.map(lambda v: jax.lax.psum(v, axis_names), self)
+    summed = jax.tree.map(lambda v: jax.lax.psum(v, axis_names), self)
+    # A diagnostic, not a loss: no gradient flows through it (pmax has none).
+    largest = jax.lax.pmax(jax.lax.stop_gradient(self.max_abs_logit), axis_names)
+    return summed.replace(max_abs_logit=largest)
 
   def metrics(self) -> dict[str, jax.Array]:
     """What every Switch layer reports: aux_loss (mean over groups), z_loss
@@ -100,6 +106,7 @@ class RouterStats:
         "fraction_dropped": (self.assigned - self.kept) / jnp.maximum(self.assigned, 1.0),
         "expert_fraction": self.expert_counts / picks,
         "router_confidence": self.confidence_sum / picks,
+        "max_abs_logit": jnp.asarray(self.max_abs_logit, jnp.float32),
     }
 
 
@@ -171,8 +178,10 @@ def _z_loss_sum(logits: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def with_z_loss(stats: RouterStats, logits: jax.Array, valid: jax.Array) -> RouterStats:
-  """Adds the z-loss sum of <float32>[G, S, E] logits over real tokens."""
-  return stats.replace(z_loss_sum=_z_loss_sum(logits, valid))
+  """Adds the z-loss sum (and the largest |logit|) of <float32>[G, S, E]
+  logits over real tokens."""
+  largest = jax.lax.stop_gradient(jnp.max(jnp.where(valid[..., None], jnp.abs(logits), 0.0)))
+  return stats.replace(z_loss_sum=_z_loss_sum(logits, valid), max_abs_logit=largest)
 
 
 def top_k_choices(router_probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:

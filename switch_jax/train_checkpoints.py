@@ -15,6 +15,7 @@ mesh's shardings, so a run can resume on a different mesh shape.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 import jax
@@ -42,7 +43,18 @@ class TrainCheckpointer:
 
   def __init__(self, model_dir, keep: Optional[int] = 3, async_save: bool = True):
     self.directory = absolute(model_dir) / "checkpoints"
+    self._options = (keep, async_save)
     self._manager = _manager(self.directory, keep, async_save)
+
+  def _set_aside(self, step: int) -> epath.Path:
+    """Moves an unreadable step out of the way (never deletes it), so a new
+    save of that step can happen and the files stay for inspection."""
+    self._manager.close()
+    destination = self.directory.parent / "checkpoints_unreadable" / f"{step}-{int(time.time())}"
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    (self.directory / str(step)).rename(destination)
+    self._manager = _manager(self.directory, *self._options)
+    return destination
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -61,8 +73,9 @@ class TrainCheckpointer:
   def restore_latest(self, abstract_state) -> Optional[tuple[int, Any, dict]]:
     """The newest step that restores cleanly, onto `abstract_state`'s shardings.
 
-    A step whose files are damaged is reported and skipped for the one
-    before it. Returns (step, state, meta), or None when there is none.
+    A step whose files are damaged is reported, set aside under
+    `checkpoints_unreadable/` and skipped for the one before it. Returns
+    (step, state, meta), or None when there is none.
     """
     for step in reversed(self.steps()):
       try:
@@ -72,8 +85,11 @@ class TrainCheckpointer:
                 {"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # orbax raises many types for damaged files
-        log.warning("checkpoint %d under %s cannot be restored (%s: %s); trying an earlier one",
-                    step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        moved = self._set_aside(step)
+        print(f"WARNING: checkpoint {step} in {self.directory} cannot be restored ({reason}); "
+              f"moved it to {moved} and trying an earlier one", flush=True)
+        log.warning("checkpoint %d unreadable: %s", step, reason)
         continue
       state = abstract_state.replace(step=restored.opt_state["step"], params=restored.params,
                                      opt_state=restored.opt_state["opt_state"])

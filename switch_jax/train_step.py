@@ -103,14 +103,24 @@ def compute_grads(model: EncoderDecoder, params, batch: Batch, dropout_key: Arra
 def train_step(state: TrainState, batch: Batch, rng: Array, *, model: EncoderDecoder,
                optimizer: optax.GradientTransformation, num_microbatches: int = 1,
                z_loss: float = 1e-4) -> tuple[TrainState, dict]:
-  """One optimizer step. `rng` is the run's base key; the step folds in."""
+  """One optimizer step. `rng` is the run's base key; the step folds in.
+
+  A step whose loss or gradients are not finite is not applied: parameters
+  and optimizer state stay as they were (the batch is still consumed and the
+  step counted), and metrics['finite'] is 0 so the loop can report it.
+  """
   dropout_key = jax.random.fold_in(rng, state.step)
   grads, metrics = compute_grads(model, state.params, batch, dropout_key,
                                  num_microbatches=num_microbatches, z_loss=z_loss)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  return TrainState(state.step + 1, params, opt_state), metrics
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics["grad_norm"] = grad_norm
+  metrics["finite"] = finite.astype(jnp.float32)
+  return TrainState(state.step + 1, keep(params, state.params),
+                    keep(opt_state, state.opt_state)), metrics
 
 
 def eval_step(params, batch: Batch, *, model: EncoderDecoder, z_loss: float = 1e-4) -> dict:

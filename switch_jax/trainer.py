@@ -157,7 +157,8 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
           z_loss: float = 1e-4, random_seed: int = 0, log_period: int = 10,
           checkpoint: CheckpointConfig = CheckpointConfig(),
           initial_checkpoint_path: Optional[str] = None,
-          stop_at_step: Optional[int] = None) -> dict:
+          stop_at_step: Optional[int] = None, max_nonfinite_steps: int = 5,
+          run_config: Optional[str] = None) -> dict:
   """Trains (or resumes) a model; returns the last train and eval metrics.
 
   Args:
@@ -182,17 +183,25 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
       checkpoint or a training run) with a fresh optimizer: fine-tuning.
     stop_at_step: stop (after saving) at this step even if total_steps is
       further: to run a schedule in several sessions.
+    max_nonfinite_steps: stop after this many steps in a row whose loss or
+      gradients were not finite (each is skipped, not applied).
+    run_config: the configuration text to keep as MODEL_DIR/config.gin,
+      written once every check has passed (a bad command changes nothing).
   """
   # Data and state plans are checked before anything is compiled.
   mesh_shape = partitioning.resolve_mesh_shape(mesh_shape, jax.device_count())
   partitioning.check_fits(model_config, mesh_shape, train_dataset.batch_size)
-  pipeline.get_mixture_or_task(train_dataset.mixture_or_task_name)
-  if eval_dataset is not None:
-    pipeline.get_mixture_or_task(eval_dataset.mixture_or_task_name)
+  for dataset in (train_dataset, eval_dataset):
+    if dataset is not None:
+      pipeline.check_dataset(dataset, model_config.vocab_size, jax.process_count())
   if total_steps <= 0:
     raise ConfigError(f"total_steps must be positive, got {total_steps}")
   model_dir = epath.Path(model_dir)  # local or a bucket (gs://...)
   model_dir.mkdir(parents=True, exist_ok=True)
+  if run_config is not None and jax.process_index() == 0:
+    partial = model_dir / "config.gin.tmp"
+    partial.write_text(run_config)
+    partial.replace(model_dir / "config.gin")
   lengths = (train_dataset.task_feature_lengths["inputs"],
              train_dataset.task_feature_lengths["targets"])
 
@@ -239,45 +248,49 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
                          "dataset": _dataset_record(train_dataset)})
 
     first_step = int(step)
-    window_start, window_tokens, window_steps = time.monotonic(), 0.0, 0
-    with _Preemption() as preemption:
-      while step < last_step:
-        host_batch = next(batches)
-        state, metrics = step_fn(state, _to_global(host_batch, batch_sharding), rng)
-        step += 1
-        if step == first_step + 1:  # the first step compiled: keep it out of the timing
-          jax.block_until_ready(metrics)
-          window_start = time.monotonic()
-        else:
-          window_tokens += _tokens(host_batch)
-          window_steps += 1
-        if step % log_period == 0 or step == last_step:
-          metrics = jax.device_get(metrics)  # waits for the step: the timing is honest
-          seconds = (time.monotonic() - window_start) / max(window_steps, 1)
-          record = run_logging.to_record(step, metrics, learning_rate=learning_rate(step - 1),
-                                         tokens=window_tokens / max(window_steps, 1),
-                                         seconds_per_step=seconds if window_steps else 0.0)
-          _check_finite(record, step)
-          logger.write(record)
-          logger.progress(record)
-          summary["train"] = record
-          window_start, window_tokens, window_steps = time.monotonic(), 0.0, 0
-        if eval_dataset is not None and (step % eval_period == 0 or step == last_step):
-          summary["eval"] = {"step": step, **_evaluate(model, state.params, eval_dataset, mesh,
-                                                       eval_steps)}
-          if evaluator is not None:
-            summary["eval"].update(evaluator.evaluate(state.params, step))
-          logger.write(summary["eval"], prefix="eval")
-        stopping = preemption.agreed(step)
-        if step % checkpoint.period == 0 or step == last_step or stopping:
-          save(step)
-        if step % eval_period == 0 or step % checkpoint.period == 0:  # not training time
-          window_start, window_tokens, window_steps = time.monotonic(), 0.0, 0
-        if stopping:
-          print(f"Preempted (SIGTERM): saved step {step}; exiting", flush=True)
-          break
-    checkpointer.close()
-    logger.close()
+    meter = _Throughput()
+    guard = _NonFiniteGuard(max_nonfinite_steps, logger, checkpointer)
+    previous = None  # checked one step late, so the host never waits on the device
+    try:
+      with _Preemption() as preemption:
+        while step < last_step:
+          host_batch = next(batches)
+          state, metrics = step_fn(state, _to_global(host_batch, batch_sharding), rng)
+          step += 1
+          if step == first_step + 1:  # the first step compiled: keep it out of the timing
+            jax.block_until_ready(metrics)
+            meter.reset()
+          else:
+            meter.add(_tokens(host_batch))
+          if previous is not None:
+            guard.check(*previous)
+          previous = (step, metrics)
+          if step % log_period == 0 or step == last_step:
+            metrics = jax.device_get(metrics)  # waits for the step: the timing is honest
+            record = run_logging.to_record(step, metrics, learning_rate=learning_rate(step - 1),
+                                           **meter.take())
+            logger.write(record)
+            logger.progress(record)
+            summary["train"] = record
+          if eval_dataset is not None and (step % eval_period == 0 or step == last_step):
+            summary["eval"] = {"step": step, **_evaluate(model, state.params, eval_dataset, mesh,
+                                                         eval_steps)}
+            if evaluator is not None:
+              summary["eval"].update(evaluator.evaluate(state.params, step))
+            logger.write(summary["eval"], prefix="eval")
+          stopping = preemption.agreed(step)
+          if step % checkpoint.period == 0 or step == last_step or stopping:
+            save(step)
+          if step % eval_period == 0 or step % checkpoint.period == 0:  # not training time
+            meter.reset()
+          if stopping:
+            print(f"Preempted (SIGTERM): saved step {step}; exiting", flush=True)
+            break
+        if previous is not None:
+          guard.check(*previous)
+    finally:
+      checkpointer.close()  # finishes any save in flight, so no checkpoint is left half-written
+      logger.close()
   summary["step"] = int(step)
   summary["checkpoint_dir"] = str(checkpointer.directory)
   return summary
@@ -289,7 +302,57 @@ def _dataset_record(dataset: pipeline.DatasetConfig) -> dict:
   return record
 
 
-def _check_finite(record: Mapping, step: int) -> None:
-  if not np.isfinite(record.get("loss", 0.0)):
-    raise UserError(f"the loss is {record['loss']} at step {step}; lower the learning rate, "
-                    "keep the router in float32, or restart from the last checkpoint")
+class _Throughput:
+  """Tokens and seconds per step over the steps since the last take/reset."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.start, self.tokens, self.steps = time.monotonic(), 0.0, 0
+
+  def add(self, tokens: float):
+    self.tokens += tokens
+    self.steps += 1
+
+  def take(self) -> dict:
+    steps = max(self.steps, 1)
+    seconds = (time.monotonic() - self.start) / steps if self.steps else 0.0
+    out = {"tokens": self.tokens / steps, "seconds_per_step": seconds}
+    self.reset()
+    return out
+
+
+class _NonFiniteGuard:
+  """Reports steps the train step refused (non-finite loss or gradients) and
+  stops the run after `limit` in a row, before anything is overwritten."""
+
+  def __init__(self, limit: int, logger, checkpointer):
+    self.limit, self.logger, self.checkpointer = limit, logger, checkpointer
+    self.in_a_row = 0
+
+  def check(self, step: int, metrics) -> None:
+    if bool(jax.device_get(metrics["finite"])):
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    metrics = jax.device_get(metrics)
+    event = {"step": step, "event": "non_finite_step_skipped",
+             "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"])}
+    if "router/max_abs_logit_per_layer" in metrics:
+      event["router_max_abs_logit_per_layer"] = np.asarray(
+          metrics["router/max_abs_logit_per_layer"]).tolist()
+      event["fraction_dropped"] = float(metrics["router/fraction_dropped"])
+    self.logger.write(event, prefix="event")
+    print(f"WARNING: step {step} not applied: loss {event['loss']}, gradient norm "
+          f"{event['grad_norm']}" + (f", router |logits| up to "
+          f"{max(event['router_max_abs_logit_per_layer']):.3g}"
+          if "router_max_abs_logit_per_layer" in event else ""), flush=True)
+    if self.in_a_row >= self.limit:
+      steps = self.checkpointer.steps()
+      kept = f"the last good checkpoint is step {steps[-1]}" if steps else "no checkpoint yet"
+      raise UserError(
+          f"{self.in_a_row} steps in a row had a non-finite loss or gradients (last at step "
+          f"{step}); stopping, {kept}. Lower the learning rate, clip gradients "
+          "(make_optimizer.grad_clip_norm), keep the router in float32, or raise "
+          "ModelConfig.router_z_loss_factor.")

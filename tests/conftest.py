@@ -9,3 +9,25 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+WORDS = ("expert router token capacity layer model train batch switch sparse dense group "
+         "gate loss step shard mesh device parallel tensor weight gradient update")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+  """(folder with train.txt and validation.txt, SentencePiece model path):
+  a small made-up corpus and a 120-piece (+100 sentinels) vocabulary."""
+  from switch_jax.data import vocabularies  # pylint: disable=import-outside-toplevel
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  words = WORDS.split()
+  lines = [" ".join(rng.choice(words, size=rng.integers(8, 40))) + "." for _ in range(600)]
+  (root / "train.txt").write_text("\n".join(lines[:500]) + "\n")
+  (root / "validation.txt").write_text("\n".join(lines[500:]) + "\n")
+  vocab = vocabularies.train_sentencepiece([str(root / "train.txt")], 120, str(root / "vocab"))
+  return root, vocab.sentencepiece_model_file

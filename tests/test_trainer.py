@@ -15,24 +15,6 @@ import numpy as np
 import pytest
 
 from switch_jax import gin_config, run_logging, train_checkpoints
-from switch_jax.data import vocabularies
-
-WORDS = ("expert router token capacity layer model train batch switch sparse dense group "
-         "gate loss step shard mesh device parallel tensor weight gradient update")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A small text corpus and a SentencePiece vocabulary trained on it."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  words = WORDS.split()
-  lines = [" ".join(rng.choice(words, size=rng.integers(8, 40))) + "." for _ in range(600)]
-  (root / "train.txt").write_text("\n".join(lines[:500]) + "\n")
-  (root / "validation.txt").write_text("\n".join(lines[500:]) + "\n")
-  vocab = vocabularies.train_sentencepiece([str(root / "train.txt")], 120, str(root / "vocab"))
-  return root, vocab.sentencepiece_model_file
-
 
 def _train_args(corpus, model_dir, steps):
   root, vocab = corpus
@@ -68,38 +50,51 @@ def _final_params(model_dir, step):
   return train_checkpoints.load_params(Path(model_dir) / "checkpoints" / str(step), target)
 
 
-def test_killed_run_resumes_and_ends_bit_identical(corpus, tmp_path):
-  steps = 8
-  killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
-  # An uninterrupted run, and one SIGKILLed once its step-4 checkpoint is on disk.
-  clean = _cli(_train_args(corpus, clean_dir, steps))
-  victim = _cli(_train_args(corpus, killed_dir, steps))
+def _kill_after_a_new_checkpoint(proc, checkpoints, rng):
+  """SIGKILLs `proc` at a random moment after it wrote a checkpoint newer
+  than any on disk when it started (so it resumed and trained on)."""
+  existing = ([int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
+              if checkpoints.is_dir() else [])
+  target = max(existing, default=0) + int(rng.choice([2, 4]))
   deadline = time.monotonic() + 600
-  while not (killed_dir / "checkpoints" / "4").is_dir():
-    assert victim.poll() is None, victim.communicate()[0][-3000:]
+  while not (checkpoints / str(target)).is_dir():
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
     assert time.monotonic() < deadline
-    time.sleep(0.2)
-  victim.send_signal(signal.SIGKILL)
-  victim.wait()
+    time.sleep(0.05)
+  time.sleep(float(rng.uniform(0.0, 0.3)))
+  proc.send_signal(signal.SIGKILL)
+  return proc.communicate()[0]
+
+
+def test_killed_run_resumes_and_ends_bit_identical(corpus, tmp_path):
+  steps = 12
+  killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+  # An uninterrupted run, and one SIGKILLed twice at random moments.
+  clean = _cli(_train_args(corpus, clean_dir, steps))
+  rng = np.random.default_rng()
+  outputs = [_kill_after_a_new_checkpoint(_cli(_train_args(corpus, killed_dir, steps)),
+                                          killed_dir / "checkpoints", rng) for _ in range(2)]
   clean_out = clean.communicate(timeout=600)[0]
   assert clean.returncode == 0, clean_out[-3000:]
   resumed = _cli(_train_args(corpus, killed_dir, steps))
   out = resumed.communicate(timeout=600)[0]
   assert resumed.returncode == 0, out[-3000:]
-  first = [line for line in out.splitlines() if line.startswith("Resuming from")]
-  assert first and int(first[0].split()[-1]) >= 4, out[-3000:]
+  resumed_at = [int(line.split()[-1]) for line in "".join(outputs[1:] + [out]).splitlines()
+                if line.startswith("Resuming from")]
+  assert len(resumed_at) == 2 and 2 <= resumed_at[0] < resumed_at[1], resumed_at
   # Same parameters as the run that was never interrupted, bit for bit.
   a, b = _final_params(killed_dir, steps), _final_params(clean_dir, steps)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  # Both wrote one record per step; the resumed run appended, not rewrote.
-  clean_steps = [r["step"] for r in run_logging.read_records(clean_dir)]
-  assert clean_steps == list(range(1, steps + 1))
+  # Same metrics at every step any of the killed processes logged.
+  clean_records = {r["step"]: r for r in run_logging.read_records(clean_dir)}
+  assert sorted(clean_records) == list(range(1, steps + 1))
   killed_records = run_logging.read_records(killed_dir)
   assert killed_records[-1]["step"] == steps
-  assert killed_records[-1]["loss"] == pytest.approx(run_logging.read_records(clean_dir)[-1]["loss"])
-  config_gin = (clean_dir / "config.gin").read_text()
-  assert "ModelConfig.num_experts = 4" in config_gin
+  for record in killed_records:
+    for name in ("loss", "accuracy", "grad_norm", "fraction_dropped"):
+      assert record[name] == clean_records[record["step"]][name], (record["step"], name)
+  assert "ModelConfig.num_experts = 4" in (clean_dir / "config.gin").read_text()
 
 
 def test_missing_required_macro_fails_before_training(corpus, tmp_path):

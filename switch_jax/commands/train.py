@@ -27,10 +27,7 @@ def run(args) -> int:
   train = gin.get_configurable("train")
   from etils import epath  # pylint: disable=import-outside-toplevel
   model_dir = epath.Path(gin_config.query("train.model_dir"))
-  if jax.process_index() == 0:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.gin").write_text(gin.config_str())
-  summary = train()
+  summary = train(run_config=gin.config_str())
   if jax.process_index() == 0:
     (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"Done at step {summary['step']}. Checkpoints: {summary['checkpoint_dir']}; "

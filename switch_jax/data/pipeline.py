@@ -108,9 +108,8 @@ def _load_vocabularies(tasks: list[seqio.Task]) -> None:
     raise
 
 
-def get_dataset(cfg: DatasetConfig, shard_index: int = 0, num_shards: int = 1,
-                batch: bool = True) -> tf.data.Dataset:
-  """The host's converted (and, with `batch`, batched) `tf.data.Dataset`."""
+def _prepare(cfg: DatasetConfig, shard_index: int, num_shards: int):
+  """The provider and its tasks, with the split, data dir and vocabularies checked."""
   _check_config(cfg, num_shards, shard_index)
   provider = get_mixture_or_task(cfg.mixture_or_task_name)
   tasks = _leaf_tasks(provider)
@@ -119,6 +118,41 @@ def get_dataset(cfg: DatasetConfig, shard_index: int = 0, num_shards: int = 1,
     raise UserError(f"{cfg.mixture_or_task_name} has no split {cfg.split!r}; it has {splits}")
   sources.use_tfds_data_dir(tasks, sources.explicit_tfds_data_dir(cfg.tfds_data_dir))
   _load_vocabularies(tasks)
+  return provider, tasks
+
+
+def check_dataset(cfg: DatasetConfig, model_vocab_size: Optional[int] = None,
+                  num_shards: int = 1) -> None:
+  """Fails now, with a UserError naming the fix, on anything that would fail
+  once training started: the name, split, batch split, prepared TFDS data,
+  the vocabularies, and (given the model's) a vocabulary larger than the
+  model's embedding."""
+  _, tasks = _prepare(cfg, 0, num_shards)
+  # Reading one example is the true test (prepared data, readable files,
+  # not empty); it raises the same UserErrors get_dataset would.
+  try:
+    next(iter(get_dataset(dataclasses.replace(cfg, shuffle=False), 0, num_shards, batch=False)))
+  except StopIteration:
+    raise UserError(f"{cfg.mixture_or_task_name} split {cfg.split!r} has no examples; check "
+                    "the files or data directory it reads") from None
+  if model_vocab_size is None:
+    return
+  for task in tasks:
+    for name, feature in task.output_features.items():
+      size = feature.vocabulary.vocab_size
+      if size > model_vocab_size:
+        padded = -(-size // 128) * 128
+        raise UserError(
+            f"task {task.name}'s {name} vocabulary has {size} ids but the model embeds only "
+            f"{model_vocab_size} (ModelConfig.vocab_size); use a model with vocab_size >= "
+            f"{size} (e.g. --gin.ModelConfig.vocab_size={padded}) or the vocabulary the "
+            "model was trained with")
+
+
+def get_dataset(cfg: DatasetConfig, shard_index: int = 0, num_shards: int = 1,
+                batch: bool = True) -> tf.data.Dataset:
+  """The host's converted (and, with `batch`, batched) `tf.data.Dataset`."""
+  provider, tasks = _prepare(cfg, shard_index, num_shards)
   # Under TFDS mock data, split sizes are unknown: passing no ShardInfo for
   # one host keeps seqio from asking for them.
   shard_info = seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None

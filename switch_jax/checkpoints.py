@@ -131,6 +131,17 @@ def save_model(path, config: ModelConfig, params: Any,
   return Path(path)
 
 
+def read_json_object(file: Path) -> dict:
+  """A JSON file holding an object; a UserError naming the file otherwise."""
+  try:
+    value = json.loads(Path(file).read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{file}: not valid JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{file}: expected a JSON object")
+  return value
+
+
 def load_metadata(path) -> dict:
   """The checkpoint's metadata.json, after checking its format."""
   path = Path(path)
@@ -140,14 +151,10 @@ def load_metadata(path) -> dict:
   file = path / METADATA_FILE
   if not file.is_file():
     raise UserError(f"{path} is not a switch_jax model checkpoint: no {METADATA_FILE}")
-  try:
-    meta = json.loads(file.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{file}: not valid JSON ({e})") from None
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    found = meta.get("format") if isinstance(meta, dict) else None
-    raise UserError(f"{file}: format {found!r} is not {FORMAT!r}; this version of switch_jax "
-                    "cannot read it")
+  meta = read_json_object(file)
+  if meta.get("format") != FORMAT:
+    raise UserError(f"{file}: format {meta.get('format')!r} is not {FORMAT!r}; this version of "
+                    "switch_jax cannot read it")
   return meta
 
 

@@ -22,10 +22,17 @@ from switch_jax.switch_layer import SwitchLayer
 Array = jax.Array
 
 
-def _ffn(config: ModelConfig, layer: int, decoder: bool) -> nn.Module:
+def _ffn_sublayer(config: ModelConfig, layer: int, decoder: bool, x: Array, valid: Array,
+                  drop: nn.Module, deterministic: bool) -> Array:
+  """`x + FFN(norm(x))`, the FFN a Switch layer where the layout says so.
+  Called inside a layer's compact method, so the modules belong to it."""
+  h = RMSNorm(config.layer_norm_epsilon, activation_dtype(config), name="pre_mlp_layer_norm")(x)
   if config.is_sparse(layer):
-    return SwitchLayer(config, config.stack_router(decoder), causal=decoder, name="mlp")
-  return MlpBlock(config, name="mlp")
+    h = SwitchLayer(config, config.stack_router(decoder), causal=decoder, name="mlp")(
+        h, valid, deterministic=deterministic)
+  else:
+    h = MlpBlock(config, name="mlp")(h, deterministic=deterministic)
+  return x + drop(h, deterministic=deterministic)
 
 
 class EncoderLayer(nn.Module):
@@ -40,11 +47,7 @@ class EncoderLayer(nn.Module):
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
     h = MultiHeadAttention(cfg, name="attention")(h, h, bias, mask, deterministic=deterministic)
     x = x + drop(h, deterministic=deterministic)
-    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    mlp = _ffn(cfg, self.layer, False)
-    h = mlp(h, valid, deterministic=deterministic) if isinstance(mlp, SwitchLayer) else mlp(
-        h, deterministic=deterministic)
-    return x + drop(h, deterministic=deterministic)
+    return _ffn_sublayer(cfg, self.layer, False, x, valid, drop, deterministic)
 
 
 class DecoderLayer(nn.Module):
@@ -64,11 +67,7 @@ class DecoderLayer(nn.Module):
     h = MultiHeadAttention(cfg, name="encoder_decoder_attention")(
         h, encoded, None, cross_mask, deterministic=deterministic)
     x = x + drop(h, deterministic=deterministic)
-    h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    mlp = _ffn(cfg, self.layer, True)
-    h = mlp(h, valid, deterministic=deterministic) if isinstance(mlp, SwitchLayer) else mlp(
-        h, deterministic=deterministic)
-    return x + drop(h, deterministic=deterministic)
+    return _ffn_sublayer(cfg, self.layer, True, x, valid, drop, deterministic)
 
 
 class Encoder(nn.Module):

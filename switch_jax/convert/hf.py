@@ -39,7 +39,7 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
-from switch_jax.checkpoints import atomic_directory, check_shapes
+from switch_jax.checkpoints import atomic_directory, check_shapes, read_json_object
 from switch_jax.config import ModelConfig
 from switch_jax.convert.weight_files import read_weights
 from switch_jax.errors import ConfigError, UserError
@@ -358,13 +358,7 @@ def load_hf_config(directory) -> dict:
   file = directory / "config.json"
   if not file.is_file():
     raise UserError(f"{directory}: no config.json")
-  try:
-    hf_config = json.loads(file.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{file}: not valid JSON ({e})") from None
-  if not isinstance(hf_config, dict):
-    raise UserError(f"{file}: expected a JSON object")
-  return hf_config
+  return read_json_object(file)
 
 
 def load_hf_dir(directory) -> tuple[ModelConfig, dict]:

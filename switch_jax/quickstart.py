@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from switch_jax import decoding, evaluation, gin_config, run_logging
+from switch_jax import plots as plotting
 from switch_jax.data import corpus, pipeline
 
 MODELS = (("switch", "quickstart/switch.gin"), ("dense", "quickstart/dense.gin"))
@@ -87,9 +88,8 @@ def run(output_dir: str, bindings: Sequence[str] = ()) -> dict:
   switch_records = run_logging.read_records(output_dir / "switch")
   sample = decoded_sample(output_dir / "switch", MODELS[0][1], bindings)
   plots = []
-  from switch_jax.commands import plot  # pylint: disable=import-outside-toplevel
   for name, _ in MODELS:
-    plots += plot.write_plots(output_dir / name)
+    plots += plotting.write_plots(output_dir / name)
   summary = {
       "validation": report,
       "switch_expert_load": switch_records[-1].get("expert_load") if switch_records else None,

@@ -34,6 +34,7 @@ REQUIRED_HINTS = {
     "TRAIN_STEPS": "--gin.TRAIN_STEPS=100000",
     "INITIAL_CHECKPOINT_PATH": '--gin.INITIAL_CHECKPOINT_PATH=\\"/path/to/checkpoint\\"',
     "CHECKPOINT_PATH": '--gin.CHECKPOINT_PATH=\\"/path/to/checkpoint\\"',
+    "TEACHER_CHECKPOINT_PATH": '--gin.TEACHER_CHECKPOINT_PATH=\\"/path/to/teacher_run\\"',
 }
 
 

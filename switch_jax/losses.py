@@ -42,6 +42,19 @@ def cross_entropy(logits: Array, targets: Array, weights: Optional[Array] = None
   return nll, z_loss * jnp.square(log_z) * weights
 
 
+def _layer_order(path: tuple) -> tuple:
+  """Encoder before decoder, layers by number (not 'layers_11' < 'layers_3')."""
+  stack = {"encoder": 0, "decoder": 1}.get(path[0], 2)
+  layer = next((int(p.split("_")[1]) for p in path if p.startswith("layers_")), -1)
+  return (stack, layer, path)
+
+
+def switch_layer_names(config: ModelConfig) -> list[str]:
+  """'encoder/layers_1', ...: the Switch layers in router_metrics' order."""
+  return ([f"encoder/layers_{i}" for i in config.sparse_layers(config.num_encoder_layers)]
+          + [f"decoder/layers_{i}" for i in config.sparse_layers(config.num_decoder_layers)])
+
+
 def router_metrics(moe_state: Mapping) -> dict[str, Array]:
   """Averages the per-layer statistics sown by Switch layers.
 
@@ -50,11 +63,12 @@ def router_metrics(moe_state: Mapping) -> dict[str, Array]:
 
   Returns:
     {name: mean over layers}, plus 'expert_fraction_per_layer' <[layers, E]>
-    and 'num_moe_layers'; empty for a dense model.
+    (layers in the order of `switch_layer_names`) and 'num_moe_layers';
+    empty for a dense model.
   """
   flat = traverse_util.flatten_dict(dict(moe_state)) if moe_state else {}
   by_name: dict[str, list] = {}
-  for path, value in sorted(flat.items()):
+  for path, value in sorted(flat.items(), key=lambda item: _layer_order(item[0])):
     values = value if isinstance(value, tuple) else (value,)
     by_name.setdefault(path[-1], []).extend(values)
   if not by_name:
@@ -69,7 +83,8 @@ def router_metrics(moe_state: Mapping) -> dict[str, Array]:
 
 
 def total_loss(config: ModelConfig, logits: Array, batch: Mapping[str, Array],
-               moe_state: Optional[Mapping] = None, z_loss: float = 1e-4
+               moe_state: Optional[Mapping] = None, z_loss: float = 1e-4,
+               teacher_logits: Optional[Array] = None, teacher_weight: float = 0.0
                ) -> tuple[Array, dict[str, Array]]:
   """The training objective and its parts.
 
@@ -79,6 +94,9 @@ def total_loss(config: ModelConfig, logits: Array, batch: Mapping[str, Array],
     batch: 'decoder_target_tokens' and optionally 'decoder_loss_weights'.
     moe_state: the sown 'moe' collection (None for a dense model).
     z_loss: output-logit z-loss coefficient.
+    teacher_logits: <float32>[B, L, V] of a distillation teacher; the token
+      loss is then (1 - w) * cross-entropy + w * soft cross-entropy against
+      the teacher, w = `teacher_weight` (0.25 in the paper, Table 6).
 
   Returns:
     Scalar loss (normalized by real target tokens) and metrics: 'loss',
@@ -97,6 +115,10 @@ def total_loss(config: ModelConfig, logits: Array, batch: Mapping[str, Array],
   metrics = {"cross_entropy": ce, "z_loss": zl, "num_tokens": jnp.sum(weights),
              "accuracy": jnp.sum(correct) / num_tokens}
   loss = ce + zl
+  if teacher_logits is not None:
+    soft = jnp.sum(soft_cross_entropy(logits, teacher_logits, weights)) / num_tokens
+    metrics["teacher_cross_entropy"] = soft
+    loss = (1.0 - teacher_weight) * ce + teacher_weight * soft + zl
   routers = router_metrics(moe_state)
   if routers:
     aux = config.aux_loss_factor * routers["aux_loss"]
@@ -107,6 +129,15 @@ def total_loss(config: ModelConfig, logits: Array, batch: Mapping[str, Array],
     metrics["router_z_loss"] = rz
   metrics["loss"] = loss
   return loss, metrics
+
+
+def soft_cross_entropy(logits: Array, teacher_logits: Array, weights: Array,
+                       temperature: float = 1.0) -> Array:
+  """<float32>[B, L] weighted `-sum_v p_teacher(v) log p_student(v)` (a
+  distillation target; both softened by `temperature`)."""
+  teacher = jax.nn.softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  student = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+  return -jnp.sum(teacher * student, axis=-1) * weights
 
 
 def sequence_scores(logits: Array, targets: Array, weights: Optional[Array] = None) -> Array:

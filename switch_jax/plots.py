@@ -52,6 +52,7 @@ def plot_expert_load(records, path: Path) -> Path:
   steps = [r["step"] for r in records]
   load = np.asarray([r["expert_load"] for r in records], dtype=float)  # [T, layers, E]
   _, layers, experts = load.shape
+  names = records[-1].get("expert_load_layers") or [str(i) for i in range(layers)]
   columns = min(layers, 4)
   rows = -(-layers // columns) + 1
   fig = plt.figure(figsize=(3.2 * columns + 1, 2.6 * rows))
@@ -66,7 +67,7 @@ def plot_expert_load(records, path: Path) -> Path:
       ax.plot(steps, load[:, layer].min(axis=1), linewidth=1, label="min")
       ax.legend(fontsize=7)
     ax.axhline(1.0 / experts, color="black", linestyle="--", linewidth=0.8)
-    ax.set_title(f"Switch layer {layer}", fontsize=9)
+    ax.set_title(f"Switch layer {names[layer]}", fontsize=9)
     ax.set_xlabel("step", fontsize=8)
     ax.set_ylabel("token fraction", fontsize=8)
   ax = fig.add_subplot(grid[rows - 1, :])
@@ -75,7 +76,7 @@ def plot_expert_load(records, path: Path) -> Path:
                fontsize=9)
   ax.set_xlabel("expert")
   ax.set_ylabel("Switch layer")
-  ax.set_yticks(range(layers))
+  ax.set_yticks(range(layers), names, fontsize=7)
   fig.colorbar(image, ax=ax)
   fig.tight_layout()
   fig.savefig(path, dpi=100)

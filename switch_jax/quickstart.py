@@ -93,6 +93,8 @@ def run(output_dir: str, bindings: Sequence[str] = ()) -> dict:
   summary = {
       "validation": report,
       "switch_expert_load": switch_records[-1].get("expert_load") if switch_records else None,
+      "switch_expert_load_layers": (switch_records[-1].get("expert_load_layers")
+                                    if switch_records else None),
       "sample": sample, "plots": [str(p) for p in plots], "output_dir": str(output_dir)}
   (output_dir / "quickstart.json").write_text(json.dumps(summary, indent=2, default=float))
   _print_summary(summary)
@@ -109,8 +111,10 @@ def _print_summary(summary: dict) -> None:
   verdict = "ahead of" if delta > 0 else "behind"
   print(f"The Switch model is {abs(delta):.4f} nats {verdict} the dense model.")
   if summary["switch_expert_load"]:
-    for layer, load in enumerate(summary["switch_expert_load"]):
-      print(f"Switch layer {layer} expert load: " + " ".join(f"{x:.2f}" for x in load))
+    names = summary["switch_expert_load_layers"] or [
+        str(i) for i in range(len(summary["switch_expert_load"]))]
+    for name, load in zip(names, summary["switch_expert_load"]):
+      print(f"Expert load, Switch layer {name}: " + " ".join(f"{x:.2f}" for x in load))
   sample = summary["sample"]
   print(f"Sample input:      {sample['input'][:300]}")
   print(f"Sample target:     {sample['target'][:300]}")

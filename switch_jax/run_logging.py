@@ -23,6 +23,7 @@ SCALARS = {
     "z_loss": "output_z_loss", "router_aux_loss": "router_aux_loss",
     "router_z_loss": "router_z_loss", "router/fraction_dropped": "fraction_dropped",
     "router/router_confidence": "router_confidence", "grad_norm": "grad_norm",
+    "teacher_cross_entropy": "teacher_cross_entropy", "finite": "finite",
 }
 
 

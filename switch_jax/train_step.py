@@ -9,6 +9,7 @@ accumulating over microbatches gives the same update as one large batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping, Optional
 
@@ -46,9 +47,18 @@ def apply_model(model: EncoderDecoder, params, batch: Batch, *, deterministic: b
   return logits, state.get("moe")
 
 
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A distillation teacher: its model (eval mode) and the loss weight of
+  its soft targets. Its parameters travel as a step argument."""
+  model: EncoderDecoder
+  weight: float = 0.25
+
+
 def loss_fn(model: EncoderDecoder, params, batch: Batch, dropout_key: Optional[Array], *,
             z_loss: float = 1e-4, deterministic: bool = False,
-            num_tokens: Optional[Array] = None, num_microbatches: int = 1):
+            num_tokens: Optional[Array] = None, num_microbatches: int = 1,
+            teacher: Optional[Teacher] = None, teacher_params=None):
   """The training loss of a (micro)batch and its metrics.
 
   For microbatch k of M, `num_tokens` is the whole batch's real target
@@ -57,9 +67,15 @@ def loss_fn(model: EncoderDecoder, params, batch: Batch, dropout_key: Optional[A
   """
   logits, moe = apply_model(model, params, batch, deterministic=deterministic,
                             dropout_key=dropout_key)
-  loss, metrics = losses.total_loss(model.config, logits, batch, moe, z_loss=z_loss)
+  teacher_logits = None
+  if teacher is not None:
+    teacher_logits, _ = apply_model(teacher.model, teacher_params, batch, deterministic=True)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  loss, metrics = losses.total_loss(model.config, logits, batch, moe, z_loss=z_loss,
+                                    teacher_logits=teacher_logits,
+                                    teacher_weight=teacher.weight if teacher else 0.0)
   if num_tokens is not None:
-    token_terms = metrics["cross_entropy"] + metrics["z_loss"]
+    token_terms = loss - metrics.get("router_aux_loss", 0.0) - metrics.get("router_z_loss", 0.0)
     router_terms = loss - token_terms
     loss = token_terms * metrics["num_tokens"] / num_tokens + router_terms / num_microbatches
   return loss, metrics
@@ -75,21 +91,22 @@ def _microbatches(batch: Batch, num_microbatches: int) -> Batch:
 
 
 def compute_grads(model: EncoderDecoder, params, batch: Batch, dropout_key: Array, *,
-                  num_microbatches: int = 1, z_loss: float = 1e-4):
+                  num_microbatches: int = 1, z_loss: float = 1e-4,
+                  teacher: Optional[Teacher] = None, teacher_params=None):
   """Gradients of the batch loss, summed over microbatches, and mean metrics."""
   weights = batch.get("decoder_loss_weights")
   weights = batch["decoder_target_tokens"] > 0 if weights is None else weights
   num_tokens = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
-  grad_fn = jax.grad(loss_fn, argnums=1, has_aux=True)
+  grad_fn = functools.partial(jax.grad(loss_fn, argnums=1, has_aux=True), z_loss=z_loss,
+                              teacher=teacher, teacher_params=teacher_params)
   if num_microbatches == 1:
-    grads, metrics = grad_fn(model, params, batch, dropout_key, z_loss=z_loss)
+    grads, metrics = grad_fn(model, params, batch, dropout_key)
     return grads, metrics
 
   def body(acc, inputs):
     index, micro = inputs
     grads, metrics = grad_fn(model, params, micro, jax.random.fold_in(dropout_key, index),
-                             z_loss=z_loss, num_tokens=num_tokens,
-                             num_microbatches=num_microbatches)
+                             num_tokens=num_tokens, num_microbatches=num_microbatches)
     return jax.tree.map(jnp.add, acc, grads), metrics
 
   micro = _microbatches(batch, num_microbatches)
@@ -100,9 +117,10 @@ def compute_grads(model: EncoderDecoder, params, batch: Batch, dropout_key: Arra
   return grads, metrics
 
 
-def train_step(state: TrainState, batch: Batch, rng: Array, *, model: EncoderDecoder,
-               optimizer: optax.GradientTransformation, num_microbatches: int = 1,
-               z_loss: float = 1e-4) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: Batch, rng: Array, teacher_params=None, *,
+               model: EncoderDecoder, optimizer: optax.GradientTransformation,
+               num_microbatches: int = 1, z_loss: float = 1e-4,
+               teacher: Optional[Teacher] = None) -> tuple[TrainState, dict]:
   """One optimizer step. `rng` is the run's base key; the step folds in.
 
   A step whose loss or gradients are not finite is not applied: parameters
@@ -111,7 +129,8 @@ def train_step(state: TrainState, batch: Batch, rng: Array, *, model: EncoderDec
   """
   dropout_key = jax.random.fold_in(rng, state.step)
   grads, metrics = compute_grads(model, state.params, batch, dropout_key,
-                                 num_microbatches=num_microbatches, z_loss=z_loss)
+                                 num_microbatches=num_microbatches, z_loss=z_loss,
+                                 teacher=teacher, teacher_params=teacher_params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -146,7 +165,8 @@ def state_shardings(model: EncoderDecoder, optimizer, mesh: Mesh, batch_size: in
   optimizer state like the parameters it tracks."""
   enc = jnp.ones((batch_size, lengths[0]), jnp.int32)
   dec = jnp.ones((batch_size, lengths[1]), jnp.int32)
-  boxed = jax.eval_shape(lambda r: model.init(r, enc, dec)["params"], jax.random.PRNGKey(0))
+  with jax.set_mesh(None):  # shapes only (see init_fn)
+    boxed = jax.eval_shape(lambda r: model.init(r, enc, dec)["params"], jax.random.PRNGKey(0))
   param_shardings = partitioning.logical_to_sharding(boxed, mesh)
   abstract_params = nn.unbox(boxed)
   opt_state = jax.eval_shape(optimizer.init, abstract_params)
@@ -156,12 +176,16 @@ def state_shardings(model: EncoderDecoder, optimizer, mesh: Mesh, batch_size: in
 
 
 def make_train_step(model: EncoderDecoder, optimizer, mesh: Mesh, shardings: TrainState, *,
-                    num_microbatches: int = 1, z_loss: float = 1e-4, donate: bool = True):
-  """The jitted, partitioned train step: (state, batch, rng) -> (state, metrics)."""
+                    num_microbatches: int = 1, z_loss: float = 1e-4, donate: bool = True,
+                    teacher: Optional[Teacher] = None, teacher_shardings=None):
+  """The jitted, partitioned train step: (state, batch, rng[, teacher_params])
+  -> (state, metrics)."""
   step = functools.partial(train_step, model=model, optimizer=optimizer,
-                           num_microbatches=num_microbatches, z_loss=z_loss)
-  batch_sharding = partitioning.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(shardings, batch_sharding, partitioning.replicated(mesh)),
+                           num_microbatches=num_microbatches, z_loss=z_loss, teacher=teacher)
+  in_shardings = (shardings, partitioning.batch_sharding(mesh), partitioning.replicated(mesh))
+  if teacher is not None:
+    in_shardings += (teacher_shardings,)
+  return jax.jit(step, in_shardings=in_shardings,
                  out_shardings=(shardings, partitioning.replicated(mesh)),
                  donate_argnums=(0,) if donate else ())
 
@@ -169,4 +193,12 @@ def make_train_step(model: EncoderDecoder, optimizer, mesh: Mesh, shardings: Tra
 def make_init(model: EncoderDecoder, optimizer, mesh: Mesh, shardings: TrainState,
               batch_size: int, lengths: tuple[int, int]):
   """The jitted state initializer, writing each shard on its own device."""
-  return jax.jit(init_fn(model, optimizer, batch_size, lengths), out_shardings=shardings)
+  jitted = jax.jit(init_fn(model, optimizer, batch_size, lengths), out_shardings=shardings)
+
+  def init(rng):
+    # Traced with no mesh in context: the Switch layers then run unsharded,
+    # so the tiny init batch need not split over every batch shard; the
+    # output shardings still place each parameter on the mesh.
+    with jax.set_mesh(None):
+      return jitted(rng)
+  return init

@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from switch_jax import partitioning, run_logging, train_checkpoints
+from switch_jax import losses, partitioning, run_logging, train_checkpoints, transfer
 from switch_jax import train_step as ts
 from switch_jax.config import ModelConfig
 from switch_jax.data import pipeline
@@ -89,17 +89,50 @@ class _Preemption:
     return bool(np.max(flags))
 
 
-def _initial_state(model, optimizer, mesh, shardings, abstract_state, init_batch_shape,
-                   initial_checkpoint_path, seed):
-  """Fresh parameters, or a checkpoint's parameters with a fresh optimizer."""
-  init = ts.make_init(model, optimizer, mesh, shardings, *init_batch_shape)
+def _load_other_model(path, mesh):
+  """(model, params on the mesh) of a checkpoint with its own config."""
+  config = train_checkpoints.load_config(path)
+  model = EncoderDecoder(config)
+  boxed = _abstract_boxed(model, (1, 1))
+  target = train_checkpoints.abstract_like(nn.unbox(boxed),
+                                           partitioning.logical_to_sharding(boxed, mesh))
+  return model, train_checkpoints.load_params(path, target)
+
+
+def _abstract_boxed(model: EncoderDecoder, lengths):
+  with jax.set_mesh(None):  # shapes only: no batch to split over the mesh
+    return jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.ones((1, lengths[0]), jnp.int32),
+        jnp.ones((1, lengths[1]), jnp.int32))["params"])
+
+
+def _initial_state(model, optimizer, mesh, shardings, abstract_state, lengths,
+                   initial_checkpoint_path, initialization, seed):
+  """Fresh parameters, or a checkpoint's (mapped by `initialization`, see
+  transfer.py) with a fresh optimizer."""
+  init = ts.make_init(model, optimizer, mesh, shardings, 1, lengths)
+  fresh = init(jax.random.PRNGKey(seed))
   if initial_checkpoint_path is None:
-    return init(jax.random.PRNGKey(seed))
-  stored = train_checkpoints.load_config(initial_checkpoint_path)
-  _check_compatible(stored, model.config, initial_checkpoint_path)
-  params = train_checkpoints.load_params(initial_checkpoint_path, abstract_state.params)
+    return fresh
+  if initialization not in transfer.MODES:
+    raise ConfigError(f"initialization must be one of {transfer.MODES}, got {initialization!r}")
+  if initialization == "exact":
+    _check_compatible(train_checkpoints.load_config(initial_checkpoint_path), model.config,
+                      initial_checkpoint_path)
+    params = train_checkpoints.load_params(initial_checkpoint_path, abstract_state.params)
+  else:
+    _, source = _load_other_model(initial_checkpoint_path, mesh)
+    if initialization == "upcycle":
+      mapping = transfer.upcycle
+    else:
+      mapping = lambda src, new: transfer.copy_matching(src, new)[0]
+      copied = transfer.copy_matching(jax.eval_shape(lambda: source), fresh.params)[1]
+      print(f"Initialized {len(copied)} parameters from {initial_checkpoint_path}; the rest "
+            "fresh", flush=True)
+    params = jax.jit(mapping, out_shardings=shardings.params)(source, fresh.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  log.info("initialized parameters from %s; optimizer state reset", initial_checkpoint_path)
+  print(f"Initialized from {initial_checkpoint_path} ({initialization}); optimizer state reset",
+        flush=True)
   return ts.TrainState(jnp.zeros((), jnp.int32), params, opt_state)
 
 
@@ -156,7 +189,8 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
           mesh_shape: Sequence[int] = (-1, 1, 1), num_microbatches: int = 1,
           z_loss: float = 1e-4, random_seed: int = 0, log_period: int = 10,
           checkpoint: CheckpointConfig = CheckpointConfig(),
-          initial_checkpoint_path: Optional[str] = None,
+          initial_checkpoint_path: Optional[str] = None, initialization: str = "exact",
+          teacher_checkpoint_path: Optional[str] = None, teacher_weight: float = 0.25,
           stop_at_step: Optional[int] = None, max_nonfinite_steps: int = 5,
           run_config: Optional[str] = None) -> dict:
   """Trains (or resumes) a model; returns the last train and eval metrics.
@@ -181,6 +215,14 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
     checkpoint: save period and retention.
     initial_checkpoint_path: start from these parameters (a `convert`ed
       checkpoint or a training run) with a fresh optimizer: fine-tuning.
+    initialization: how its parameters map onto this model: 'exact' (same
+      architecture), 'upcycle' (dense checkpoint -> Switch model, experts
+      copied from the dense FFN), 'shared' (copy what matches; see
+      transfer.py).
+    teacher_checkpoint_path: distill from this model: the token loss becomes
+      (1 - teacher_weight) * cross-entropy + teacher_weight * cross-entropy
+      against the teacher's predictions (Table 6: 0.25).
+    teacher_weight: the share of the teacher's soft targets.
     stop_at_step: stop (after saving) at this step even if total_steps is
       further: to run a schedule in several sessions.
     max_nonfinite_steps: stop after this many steps in a row whose loss or
@@ -208,9 +250,7 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
   mesh = partitioning.make_mesh(mesh_shape)
   model = EncoderDecoder(model_config)
   with jax.set_mesh(mesh):
-    boxed = jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), jnp.ones((1, lengths[0]), jnp.int32),
-        jnp.ones((1, lengths[1]), jnp.int32))["params"])
+    boxed = _abstract_boxed(model, lengths)
     tx = optimizer(learning_rate=learning_rate, boxed_params=boxed)
     shardings = ts.state_shardings(model, tx, mesh, 1, lengths)
     abstract_state = train_checkpoints.abstract_like(
@@ -227,12 +267,18 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
                     "batch %d of the new stream", step, start_batch)
       print(f"Resuming from {checkpointer.directory / str(step)} at step {step}", flush=True)
     else:
-      state = _initial_state(model, tx, mesh, shardings, abstract_state, (1, lengths),
-                             initial_checkpoint_path, random_seed)
+      state = _initial_state(model, tx, mesh, shardings, abstract_state, lengths,
+                             initial_checkpoint_path, initialization, random_seed)
       step, start_batch = 0, 0
 
-    step_fn = ts.make_train_step(model, tx, mesh, shardings, num_microbatches=num_microbatches,
-                                 z_loss=z_loss)
+    teacher, teacher_args = None, ()
+    if teacher_checkpoint_path is not None:
+      teacher_model, teacher_params = _load_other_model(teacher_checkpoint_path, mesh)
+      teacher, teacher_args = ts.Teacher(teacher_model, teacher_weight), (teacher_params,)
+    step_fn = ts.make_train_step(
+        model, tx, mesh, shardings, num_microbatches=num_microbatches, z_loss=z_loss,
+        teacher=teacher,
+        teacher_shardings=jax.tree.map(lambda x: x.sharding, teacher_args[0]) if teacher else None)
     batch_sharding = partitioning.batch_sharding(mesh)
     batches = _host_batches(train_dataset, start_batch)
     logger = run_logging.MetricsLogger(model_dir, total_steps, enabled=jax.process_index() == 0)
@@ -255,7 +301,8 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
       with _Preemption() as preemption:
         while step < last_step:
           host_batch = next(batches)
-          state, metrics = step_fn(state, _to_global(host_batch, batch_sharding), rng)
+          state, metrics = step_fn(state, _to_global(host_batch, batch_sharding), rng,
+                                   *teacher_args)
           step += 1
           if step == first_step + 1:  # the first step compiled: keep it out of the timing
             jax.block_until_ready(metrics)
@@ -269,6 +316,8 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
             metrics = jax.device_get(metrics)  # waits for the step: the timing is honest
             record = run_logging.to_record(step, metrics, learning_rate=learning_rate(step - 1),
                                            **meter.take())
+            if "expert_load" in record:
+              record["expert_load_layers"] = losses.switch_layer_names(model_config)
             logger.write(record)
             logger.progress(record)
             summary["train"] = record

@@ -16,7 +16,8 @@ MODEL_FILES = sorted(p.stem for p in (GIN / "models").glob("*.gin"))
 RUN_FILES = sorted(p.name for p in (GIN / "runs").glob("*.gin"))
 REQUIRED = ['MODEL_DIR = "/tmp/x"', 'MIXTURE_OR_TASK_NAME = "embedded_span_corruption"',
             "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}", "TRAIN_STEPS = 10",
-            'INITIAL_CHECKPOINT_PATH = "/tmp/ckpt"', 'CHECKPOINT_PATH = "/tmp/ckpt"']
+            'INITIAL_CHECKPOINT_PATH = "/tmp/ckpt"', 'CHECKPOINT_PATH = "/tmp/ckpt"',
+            'TEACHER_CHECKPOINT_PATH = "/tmp/teacher"']
 
 
 def _model_config():
@@ -39,7 +40,7 @@ def test_run_files_parse_and_finalize(run_file):
                     "mesh/cpu8.gin"], REQUIRED)
   gin.finalize()
   assert _model_config().dtype == "bfloat16"
-  if run_file in ("pretrain.gin", "finetune.gin", "quickstart.gin"):
+  if run_file in ("pretrain.gin", "finetune.gin", "distill.gin", "upcycle.gin"):
     assert gin_config.query("train.mesh_shape") == (2, 4, 1)
     assert gin_config.query("train.model_dir") == "/tmp/x"
 

@@ -15,7 +15,7 @@ from typing import Optional
 from switch_jax.errors import ConfigError
 
 ROUTERS = ("top1", "top2", "expert_choice", "dropless")
-DISPATCHES = ("auto", "reference", "gather", "ragged")
+DISPATCHES = ("auto", "reference", "gather", "looped", "compact", "ragged", "bucketed")
 FFN_ACTIVATIONS = ("relu", "geglu")
 DTYPES = ("float32", "bfloat16")
 

@@ -83,6 +83,17 @@ class Experts(nn.Module):
     return {**self.wi, "wo": self.wo}
 
 
+def auto_dispatch(router_type: str, backend: str) -> str:
+  """The fastest path for a router on a backend (bench/run.py measures them;
+  docs/performance.md has the numbers). XLA:CPU runs `ragged_dot` as every
+  row times every expert, so there the dropless router, and the filled
+  slots of top-1 and top-2 ('compact'), take bucketed matmuls; GPU and TPU
+  have grouped GEMMs for `ragged_dot`."""
+  if backend == "cpu":
+    return {"dropless": "bucketed", "expert_choice": "looped"}.get(router_type, "compact")
+  return "ragged" if router_type == "dropless" else "gather"
+
+
 def _forward(x, valid, kernel, weights, jitter_key, dropout_key, *, spec: dispatch.LayerSpec,
              path: str, jitter_noise: float, router_dtype: str, batch_axes, shards):
   """One device's groups through the layer: <dtype>[G, S, d] -> [G, S, d]."""
@@ -96,10 +107,12 @@ def _forward(x, valid, kernel, weights, jitter_key, dropout_key, *, spec: dispat
     y, stats = reference.switch_layer(x, valid, logits, weights, activation=spec.activation,
                                       router=spec.router, capacity=spec.capacity,
                                       batch_prioritized=spec.batch_prioritized)
-  elif path == "ragged":
-    y, stats = dispatch.dropless_forward(x, valid, probs, weights, spec, dropout_key, shards)
+  elif path in dispatch.DROPLESS_KERNELS:
+    y, stats = dispatch.dropless_forward(x, valid, probs, weights, spec, dropout_key, shards,
+                                         kernel=path)
   else:
-    y, stats = dispatch.slot_forward(x, valid, probs, weights, spec, dropout_key, shards)
+    y, stats = dispatch.slot_forward(x, valid, probs, weights, spec, dropout_key, shards,
+                                     kernel=path)
   stats = routing.with_z_loss(stats, logits, valid)
   if shards is not None:
     stats = stats.psum(batch_axes)
@@ -130,13 +143,16 @@ class SwitchLayer(nn.Module):
   def dispatch(self) -> str:
     cfg = self.config
     if cfg.dispatch == "auto":
-      return "ragged" if self.router_type == "dropless" else "gather"
-    if self.router_type == "dropless" and cfg.dispatch == "gather":
-      raise ConfigError("the dropless router has no capacity buffers: use dispatch "
-                        "'ragged' (or 'reference'), or a capacity router with 'gather'")
-    if self.router_type != "dropless" and cfg.dispatch == "ragged":
-      raise ConfigError(f"dispatch 'ragged' is the dropless router's path; router "
-                        f"{self.router_type!r} uses 'gather' (or 'reference')")
+      return auto_dispatch(self.router_type, jax.default_backend())
+    dropless_paths = tuple(dispatch.DROPLESS_KERNELS)
+    capacity_paths = tuple(dispatch.CAPACITY_KERNELS) + ("compact",)
+    if self.router_type == "dropless" and cfg.dispatch in capacity_paths:
+      raise ConfigError(f"the dropless router has no capacity buffers: use dispatch "
+                        f"{dropless_paths} (or 'reference'), or a capacity router with "
+                        f"{capacity_paths}")
+    if self.router_type != "dropless" and cfg.dispatch in dropless_paths:
+      raise ConfigError(f"dispatch {cfg.dispatch!r} is the dropless router's path; router "
+                        f"{self.router_type!r} uses {capacity_paths} (or 'reference')")
     return cfg.dispatch
 
   def capacity(self, tokens_per_group: int, deterministic: bool) -> int:

@@ -12,7 +12,7 @@ import pytest
 from switch_jax.config import get_config
 from switch_jax.errors import ConfigError
 from switch_jax import dispatch
-from switch_jax.switch_layer import SwitchLayer, num_groups
+from switch_jax.switch_layer import SwitchLayer, auto_dispatch, num_groups
 
 B, L, D = 2, 16, 32
 
@@ -45,10 +45,17 @@ def _runner(config, router):
   return layer, jax.jit(forward), jax.jit(jax.grad(objective, argnums=(0, 1)))
 
 
+# 'auto' is each router's fastest path on this backend (on CPU: 'compact'
+# for top-1 and top-2, 'looped' for expert choice, 'bucketed' for
+# dropless); the others are named.
 CASES = [
     ("top1", dict()), ("top1", dict(batch_prioritized_routing=True)),
     ("top1", dict(ffn_activation="relu")), ("top2", dict()),
     ("expert_choice", dict()), ("dropless", dict()), ("dropless", dict(ffn_activation="relu")),
+    ("top1", dict(dispatch="gather")), ("top2", dict(dispatch="gather")),
+    ("top1", dict(dispatch="looped")), ("top2", dict(dispatch="looped")),
+    ("dropless", dict(dispatch="ragged")),
+    ("dropless", dict(dispatch="ragged", ffn_activation="relu")),
 ]
 
 
@@ -217,3 +224,51 @@ def test_no_tokens_by_experts_by_capacity_tensor():
           yield from sizes(value.jaxpr)
 
   assert max(sizes(jaxpr.jaxpr)) < tokens * experts * capacity
+
+
+def test_auto_dispatch_is_the_fastest_path_per_backend():
+  assert [auto_dispatch(r, "cpu") for r in ("top1", "top2", "expert_choice", "dropless")] == [
+      "compact", "compact", "looped", "bucketed"]
+  assert auto_dispatch("dropless", "gpu") == auto_dispatch("dropless", "tpu") == "ragged"
+  assert SwitchLayer(_config("dropless"), "dropless").dispatch == "bucketed"  # tests run on CPU
+  with pytest.raises(ConfigError, match="dropless router's path"):
+    _ = SwitchLayer(_config("top1", dispatch="ragged"), "top1").dispatch
+
+
+def test_bucket_sizes():
+  sizes = dispatch.bucket_sizes(4096, 8)
+  assert sizes[-1] == 4096 and all(s % 8 == 0 for s in sizes) and len(sizes) <= 24
+  near_mean = [s for s in sizes if 384 <= s <= 768]
+  assert near_mean == list(range(384, 769, 32))  # 1/16 of the 512-row mean
+  assert dispatch.bucket_sizes(32, 4) == (8, 16, 32)
+
+
+@pytest.mark.parametrize("activation", ["relu", "geglu"])
+def test_bucketed_kernel_equals_ragged_dot_on_skewed_loads(activation):
+  # Empty experts, one expert with most rows (a doubling bucket), rows past
+  # the real ones, and expert dropout with the same key: equal outputs and
+  # gradients, so 'bucketed' is dropless exactly as 'ragged_dot' is.
+  num_rows, experts, f = 96, 5, 16
+  sizes = jnp.array([0, 61, 0, 3, 20], jnp.int32)  # 84 real rows of 96
+  names = ("wi",) if activation == "relu" else ("wi_0", "wi_1")
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  weights = {name: jax.random.normal(k, (experts, D, f)) / 4 for name, k in zip(names, keys)}
+  weights["wo"] = jax.random.normal(keys[3], (experts, f, D)) / 4
+  x = jax.random.normal(jax.random.PRNGKey(4), (num_rows, D))
+  spec = dispatch.LayerSpec("dropless", activation, 0, dropout_rate=0.3)
+
+  def run(kernel, w, x):
+    y = kernel(x, sizes, w, spec, jax.random.PRNGKey(5), None)
+    return jnp.sum(jnp.sin(y)), y
+
+  results = [jax.jit(jax.value_and_grad(functools.partial(run, kernel), argnums=(0, 1),
+                                        has_aux=True))(weights, x)
+             for kernel in (dispatch.experts_bucketed, dispatch.experts_ragged)]
+  (_, y_bucketed), grads_bucketed = results[0]
+  (_, y_ragged), grads_ragged = results[1]
+  np.testing.assert_allclose(y_bucketed, y_ragged, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(y_bucketed[84:], 0.0)
+  for a, b in zip(jax.tree.leaves(grads_bucketed), jax.tree.leaves(grads_ragged)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  assert float(jnp.abs(grads_bucketed[0]["wo"][1]).max()) > 1e-3
+  np.testing.assert_array_equal(grads_bucketed[0]["wo"][0], 0.0)  # an empty expert

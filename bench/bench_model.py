@@ -53,12 +53,12 @@ def _step(config: ModelConfig, batch: int, lengths: tuple[int, int], abstract: b
         jnp.ones((1, lengths[1]), jnp.int32))["params"])
     optimizer = make_optimizer("adafactor", 1e-3, boxed_params=boxed)
     shardings = ts.state_shardings(model, optimizer, mesh, batch, lengths)
-    init = ts.make_init(model, optimizer, mesh, shardings, batch, lengths)
     step = ts.make_train_step(model, optimizer, mesh, shardings)
-    if abstract:
-      state = jax.eval_shape(init, jax.random.PRNGKey(0))
-    else:
-      state = init(jax.random.PRNGKey(0))
+    if not abstract:
+      state = ts.make_init(model, optimizer, mesh, shardings, batch, lengths)(
+          jax.random.PRNGKey(0))
+  if abstract:  # the step's in_shardings place it; make_init sets its own mesh
+    state = jax.eval_shape(ts.init_fn(model, optimizer, batch, lengths), jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   tokens = {"encoder_input_tokens": rng.integers(2, config.vocab_size, (batch, lengths[0])),
             "decoder_target_tokens": rng.integers(2, config.vocab_size, (batch, lengths[1]))}

@@ -70,6 +70,17 @@ def layer_cases(p: dict) -> list[bench_layer.Case]:
   return cases
 
 
+def save(results: dict, path: str) -> None:
+  """Writes what is measured so far (after every section: a crash or ^C
+  late in a long run keeps the rest)."""
+  results["meta"]["load_end"] = bench_timer.load_average()
+  results["goals"] = bench_report.goals(results)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
 def log(message: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')} load {bench_timer.load_average():.1f}] {message}",
         file=sys.stderr, flush=True)
@@ -115,6 +126,7 @@ def main(argv=None) -> int:
                                  p["budget_s"])
       results["layer"].append(row)
       log(f"  {row['ratio']:.2f}x dense, {row['tokens_per_s']:.0f} tok/s")
+  save(results, args.out)
   if "hf" in sections:
     why_not = bench_torch.available()
     results["hf"] = [] if why_not is None else {"skipped": why_not}
@@ -125,17 +137,20 @@ def main(argv=None) -> int:
       results["hf"].append(bench_torch.compare(
           num_experts, tokens, capacity, bench_layer.D_MODEL, bench_layer.D_FF,
           dense_for(tokens, "float32"), p["rounds"], p["budget_s"] * 3))
+  save(results, args.out)
   if "model" in sections:
     results["model"] = []
     for dtype in p["model_dtypes"]:
       log(f"train step {dtype}")
       results["model"].append(bench_model.train_steps(
           8, dtype, p["model_batch"], (512, 114), p["rounds"], p["budget_s"] * 3))
+  save(results, args.out)
   if "memory" in sections:
     log("compiled memory")
     paths = [("top1", "compact"), ("top1", "looped"), ("dropless", "bucketed")]
     results["memory"] = bench_layer.memory_scaling(p["memory_experts"], p["memory_tokens"],
                                                    paths if not args.quick else paths[:1])
+  save(results, args.out)
   if "compile" in sections:
     results["compile"] = []
     for name in p["compile_models"]:
@@ -143,12 +158,9 @@ def main(argv=None) -> int:
       log(f"compile {name}")
       row = bench_model.compile_seconds(get_config(name), 8, lengths)
       results["compile"].append(dict(model=name, batch=8, lengths=list(lengths), **row))
-  results["meta"]["load_end"] = bench_timer.load_average()
+  save(results, args.out)
   results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-  results["goals"] = bench_report.goals(results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=1)
+  save(results, args.out)
   print(bench_report.markdown(results))
   log(f"wrote {args.out}")
   return 0

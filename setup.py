@@ -47,7 +47,7 @@ setup(
     extras_require={
         # torch 2.13.0's CPU build lies on the CI machines' disk; elsewhere add
         # --extra-index-url https://download.pytorch.org/whl/cpu to avoid CUDA.
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0"],
     },
     entry_points={"console_scripts": ["switch-jax=switch_jax.cli:main"]},
 )

@@ -65,6 +65,8 @@ class ModelConfig:
   expert_dropout_rate: Optional[float] = None  # None: same as dropout_rate
   aux_loss_factor: float = 1e-2
   router_z_loss_factor: float = 0.0
+  # The expert kernel: 'auto' is the backend's fastest (switch_layer.auto_dispatch;
+  # docs/performance.md); 'reference' is the plain loop the tests hold the others to.
   dispatch: str = "auto"
 
   def __post_init__(self):

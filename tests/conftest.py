@@ -14,6 +14,16 @@ jax.config.update("jax_platforms", "cpu")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# The modules with subprocess runs and training loops go first: under
+# `pytest -n 2` their long tests then overlap each other, instead of one
+# worker finishing them alone while the other idles.
+_LONG_MODULES = ("test_trainer.py", "test_reliability.py", "test_transfer.py", "test_mesh.py")
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: item.path.name not in _LONG_MODULES)
+
+
 WORDS = ("expert router token capacity layer model train batch switch sparse dense group "
          "gate loss step shard mesh device parallel tensor weight gradient update")
 

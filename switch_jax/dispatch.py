@@ -81,6 +81,15 @@ def _dropout(h: Array, rate: float, key: Optional[Array], shards: Optional[Exper
   return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
 
 
+def _dropout_multiplier(shape, dtype, spec: LayerSpec, key: Optional[Array],
+                        shards: Optional[ExpertShards]) -> Optional[Array]:
+  """`_dropout` of ones: the multiplier kernels that apply dropout inside
+  their own loops take (the same mask for the same key), or None."""
+  if key is None or spec.dropout_rate <= 0:
+    return None
+  return _dropout(jnp.ones(shape, dtype), spec.dropout_rate, key, shards)
+
+
 def _input_names(weights: dict) -> tuple[str, ...]:
   return ("wi",) if "wi" in weights else ("wi_0", "wi_1")
 
@@ -119,10 +128,8 @@ def experts_looped(x: Array, weights: dict, spec: LayerSpec, dropout_key, shards
   matmul packs every expert's weights into freshly allocated memory on
   each call (E x 4 MiB per weight here), paying page faults for all of it;
   one expert per step keeps each matmul's buffers small and reused."""
-  keep = None
-  if dropout_key is not None and spec.dropout_rate > 0:  # experts_dense's mask
-    keep = _dropout(jnp.ones(x.shape[:2] + (weights["wo"].shape[1],), x.dtype),
-                    spec.dropout_rate, dropout_key, shards)
+  keep = _dropout_multiplier(x.shape[:2] + (weights["wo"].shape[1],), x.dtype, spec,
+                             dropout_key, shards)  # experts_dense's mask
 
   def expert(_, inputs):
     rows, w, mask = inputs
@@ -300,10 +307,8 @@ def experts_bucketed(x: Array, group_sizes: Array, weights: dict, spec: LayerSpe
                      shards) -> Array:
   """`experts_ragged` with bucketed matmuls (same rows in and out, and the
   same dropout mask for the same key)."""
-  keep = None
-  if dropout_key is not None and spec.dropout_rate > 0:
-    ones = jnp.ones((x.shape[0], weights["wo"].shape[1]), x.dtype)
-    keep = _dropout(ones, spec.dropout_rate, dropout_key, shards)
+  keep = _dropout_multiplier((x.shape[0], weights["wo"].shape[1]), x.dtype, spec, dropout_key,
+                             shards)
   sizes = bucket_sizes(x.shape[0], group_sizes.shape[0])
   y = _bucketed_ffn(sizes, spec.activation, x, group_sizes, weights, keep)
   return _sum_over_model(y, shards)

@@ -60,7 +60,27 @@ def register() -> None:
   gin.external_configurable(evaluation.evaluate, "evaluate")
   gin.external_configurable(evaluation.infer, "infer")
   gin.external_configurable(evaluation.InferenceEvaluator, "InferenceEvaluator")
+  _guard_package_lookup()
   _REGISTERED = True
+
+
+def _guard_package_lookup() -> None:
+  """gin also looks an include such as 'runs/pretrain.gin' up as a file of
+  the Python package `runs`; when the current directory has a plain folder
+  of that name (the quickstart writes ./runs) the lookup finds a namespace
+  package without a file and raises TypeError instead of answering "not
+  here". Wrap that existence check so it answers False."""
+  readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+  for i, (reader, exists) in enumerate(readers):
+    if getattr(exists, "__module__", "") == "gin.resource_reader":
+
+      def safe_exists(path, exists=exists):
+        try:
+          return exists(path)
+        except TypeError:
+          return False
+
+      readers[i] = (reader, safe_exists)
 
 
 class _QuietMisses(logging.Filter):

@@ -93,3 +93,16 @@ def test_missing_gin_file_is_a_user_error(tmp_path):
   own.write_text("include 'models/tiny_dense.gin'\nModelConfig.d_model = 48\n")
   gin_config.parse([str(own)], [])
   assert _model_config().d_model == 48
+
+
+def test_includes_resolve_when_the_working_directory_has_a_runs_folder(tmp_path, monkeypatch):
+  # The quickstart and experiments write ./runs; gin's package lookup of
+  # 'runs/pretrain.gin' (an include of runs/finetune.gin) found that folder as
+  # a namespace package and crashed with a TypeError.
+  (tmp_path / "runs").mkdir()
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  gin_config.parse(["runs/finetune.gin"], ['MODEL_DIR = "/tmp/m"', 'MIXTURE_OR_TASK_NAME = "t"',
+                                           "TASK_FEATURE_LENGTHS = {}", "TRAIN_STEPS = 1",
+                                           'INITIAL_CHECKPOINT_PATH = "/tmp/c"'])
+  assert gin_config.query("BATCH_SIZE/macro.value") == 128

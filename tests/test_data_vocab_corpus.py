@@ -6,6 +6,7 @@ import os
 import gin
 import numpy as np
 import pytest
+import seqio
 from sentencepiece import sentencepiece_model_pb2
 
 from switch_jax.data import corpus, pipeline, vocabularies
@@ -181,3 +182,20 @@ def test_embedded_span_corruption_end_to_end(stdlib_corpus):
     batch = next(pipeline.get_batches(cfg))
     assert batch["decoder_target_tokens"].shape == (2, lengths[1])
     assert batch["decoder_loss_weights"].sum() > lengths[1]
+
+
+def test_embedded_continuation_task_end_to_end(stdlib_corpus):
+  task = seqio.get_mixture_or_task("embedded_continuation")
+  examples = list(task.get_dataset({"inputs": 512, "targets": 4}, split="validation",
+                                   shuffle=False).as_numpy_iterator())
+  vocab = task.output_features["targets"].vocabulary
+  targets = [vocab.decode(ex["targets"].tolist()) for ex in examples]
+  # Python 3.11.7: 1,031 validation pairs (the corpus's validation file and train shard 0).
+  assert len(examples) > 500
+  assert set(targets) == {"True", "False"}
+  assert 0.35 < targets.count("True") / len(targets) < 0.65
+  text = vocab.decode(examples[0]["inputs"].tolist())
+  assert text.startswith("continuation sentence1: ") and " sentence2: " in text
+  # Scored as SuperGLUE's RTE is: the label's class id, then accuracy in percent.
+  assert task.postprocess_fn("True", example=None, is_target=True) == 1
+  assert task.metric_fns[0]([1, 0, 1], [1, 1, 1]) == {"accuracy": pytest.approx(200 / 3)}

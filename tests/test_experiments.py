@@ -1,0 +1,159 @@
+"""experiments/: the numbers the written results report, the sentence pairs
+of the fine-tuning task, and every arm's configuration (no training here:
+the runs take an hour; `python experiments/run.py all` makes them)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from switch_jax.data import continuation
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import analysis  # noqa: E402  pylint: disable=wrong-import-position
+import run  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def test_training_seconds_add_each_window():
+  records = [{"step": 10, "seconds_per_step": 0.5}, {"step": 30, "seconds_per_step": 0.25},
+             {"step": 40, "seconds_per_step": 1.0}]
+  seconds = analysis.training_seconds(records)
+  assert seconds == {10: 5.0, 30: 10.0, 40: 20.0}
+  assert analysis.time_at(seconds, 20) == pytest.approx(7.5)
+  assert analysis.time_at(seconds, 5) == pytest.approx(2.5)
+
+
+def test_speedup_interpolates_between_evaluations():
+  dense_steps, dense = [100, 200, 300], [7.0, 6.5, 6.2]
+  # Reaches 6.2 a fifth of the way from step 100 (6.25) to step 200 (6.0).
+  steps, switch = [100, 200, 300], [6.25, 6.0, 5.9]
+  assert analysis.first_reaching(steps, switch, 6.2) == pytest.approx(120.0)
+  assert analysis.speedup_to_reach(dense_steps, dense, steps, switch) == pytest.approx(2.5)
+  assert analysis.first_reaching(steps, [6.1, 6.0, 5.9], 6.2) == 100.0
+  assert analysis.speedup_to_reach(dense_steps, dense, steps, [7.1, 6.8, 6.3]) is None
+
+
+def test_share_of_gain_kept_and_seed_spread():
+  # Teacher 0.2 nats better than dense; the student recovers 0.06 of it.
+  assert analysis.share_of_gain_kept(dense=6.0, teacher=5.8, student=5.94) == pytest.approx(0.3)
+  with pytest.raises(ValueError):
+    analysis.share_of_gain_kept(6.0, 6.0, 5.9)
+  mean, std = analysis.mean_std([1.0, 2.0, 3.0])
+  assert (mean, std) == (2.0, 1.0)
+  assert analysis.mean_std([4.0]) == (4.0, 0.0)
+  assert analysis.median([3.0, 1.0, 2.0, 10.0]) == 2.5
+  assert analysis.curve([{"step": 1, "x": 2.0}, {"step": 2, "x": math.nan}, {"step": 3}],
+                        "x") == ([1], [2.0])
+
+
+def test_continuation_pairs():
+  docs = ["Open the file first. Then read every line of it. Close it.",
+          "One sentence only, nothing follows here.",
+          "Too short. Second sentence is long enough here.",
+          "Sockets need an address. Bind the socket before you listen.",
+          "Parse the arguments given. Return a namespace with each value."]
+  assert continuation.first_two_sentences(docs[0]) == (
+      "Open the file first.", "Then read every line of it.")
+  assert continuation.first_two_sentences(docs[1]) is None
+  assert continuation.first_two_sentences(docs[2]) is None  # "Too short." has 2 words
+  pairs = continuation.make_examples(docs)
+  assert pairs["idx"] == [0, 1, 2]
+  firsts = ["Open the file first.", "Sockets need an address.", "Parse the arguments given."]
+  seconds = ["Then read every line of it.", "Bind the socket before you listen.",
+             "Return a namespace with each value."]
+  assert pairs["sentence1"] == firsts
+  for i, label in enumerate(pairs["label"]):
+    if label == 1:
+      assert pairs["sentence2"][i] == seconds[i]
+    else:  # another document's second sentence, never its own
+      assert pairs["sentence2"][i] == seconds[(i + 1) % 3]
+  many = continuation.make_examples(f"Line {i} starts a doc. And line {i} ends it well."
+                                    for i in range(400))
+  assert 0.4 < sum(many["label"]) / 400 < 0.6
+  files = [f"train-{i}" for i in range(8)]
+  assert continuation.split_files("train", files, ["val"]) == files[1:]
+  assert continuation.split_files("validation", files, ["val"]) == ["val", "train-0"]
+
+
+def test_every_arm_parses_and_shared_arms_are_the_same_run(tmp_path):
+  for experiment in run.EXPERIMENTS.values():
+    for arm in experiment.arms:
+      if arm.same_as:
+        run.check_same_as(experiment, arm, "mini", tmp_path, [])
+      elif not arm.reuse:
+        settings = run.settings(experiment, arm, "mini", tmp_path, [])
+        assert settings["TRAIN_STEPS"] > 0 and settings["MESH_SHAPE"] == (1, 1, 1)
+  scaling = run.EXPERIMENTS["01_scaling"]
+  assert [run.settings(scaling, arm, "mini", tmp_path, [])["num_experts"]
+          for arm in scaling.arms] == [0, 2, 4, 8, 16, 32]
+  # A declared "same run" that is not one is refused before anything trains.
+  router = run.EXPERIMENTS["02_capacity_router"]
+  wrong = run.Arm("top1-cf1.25", ("ModelConfig.train_capacity_factor = 1.5",),
+                  same_as="01_scaling/switch-8")
+  with pytest.raises(SystemExit, match="train_capacity_factor"):
+    run.check_same_as(router, wrong, "mini", tmp_path, [])
+
+
+def test_arms_wire_checkpoints_and_the_full_scale(tmp_path, capsys):
+  finetune = run.EXPERIMENTS["05_finetune"]
+  settings = run.settings(finetune, finetune.arms[3], "mini", tmp_path, [])
+  assert settings["train.initial_checkpoint_path"] == repr(
+      str(tmp_path / "01_scaling" / "switch-8"))
+  assert (settings["expert_dropout_rate"], settings["dropout_rate"]) == (0.4, 0.1)
+  assert settings["MIXTURE_OR_TASK_NAME"] == "embedded_continuation"
+  distill = run.EXPERIMENTS["06_distillation"]
+  settings = run.settings(distill, distill.arms[2], "mini", tmp_path, [])
+  assert settings["num_experts"] == 0
+  assert settings["train.teacher_checkpoint_path"] == repr(
+      str(tmp_path / "01_scaling" / "switch-8"))
+  full = run.settings(finetune, finetune.arms[1], "full", tmp_path, [])
+  assert (full["d_model"], full["num_experts"], full["dtype"]) == (768, 8, "bfloat16")
+  assert full["MIXTURE_OR_TASK_NAME"] == "super_glue_v102_proportional"
+  assert run.main(["all", "--scale", "full", "--print_commands",
+                   f"--output_dir={tmp_path}", "--gin.MESH_SHAPE=(4, 2, 1)"]) == 0
+  commands = capsys.readouterr().out.strip().splitlines()
+  assert len(commands) == 23  # every arm that trains, once, dependencies first
+  assert all("--gin.MESH_SHAPE=(4, 2, 1)" in c and "paper/full.gin" in c for c in commands)
+
+
+def _fake_run(directory, final_loss, seconds_per_step=0.5, dropped=None):
+  import json  # pylint: disable=import-outside-toplevel
+  directory.mkdir(parents=True)
+  lines = []
+  for step in (10, 20, 30, 40):
+    record = {"split": "train", "step": step, "loss": 7.0, "seconds_per_step": seconds_per_step}
+    if dropped is not None:
+      record["fraction_dropped"] = dropped
+    lines.append(record)
+  for step, excess in ((20, 0.4), (40, 0.0)):
+    lines.append({"split": "eval", "step": step, "cross_entropy": final_loss + excess,
+                  "accuracy": 0.05})
+  (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_reports_from_metrics(tmp_path, monkeypatch):
+  scaling = run.EXPERIMENTS["01_scaling"]
+  for arm, loss in zip(scaling.arms, (6.0, 5.9, 5.8, 5.7, 5.6, 5.5)):
+    _fake_run(tmp_path / "01_scaling" / arm.name, loss, seconds_per_step=0.25 + 0.05 * loss)
+  for name in run.EXPERIMENTS:
+    monkeypatch.setitem(run._OUTPUTS, name, tmp_path / "out" / name)
+  summary = run.report(scaling, tmp_path)
+  # switch-2 reaches 6.0 at 20 + 20 * (6.3 - 6.0) / 0.4 = 35 steps: 40 / 35.
+  assert summary["switch-2"]["step_speedup_to_dense_final"] == pytest.approx(40 / 35)
+  dense_seconds, switch_seconds = 40 * 0.55, 40 * 0.545 * 35 / 40
+  assert summary["switch-2"]["time_speedup_to_dense_final"] == pytest.approx(
+      dense_seconds / switch_seconds)
+  written = (tmp_path / "out" / "01_scaling" / "results.md").read_text()
+  assert "| switch-32 |" in written and "loss_vs_time.png" in written
+  assert (tmp_path / "out" / "01_scaling" / "loss_vs_step.png").stat().st_size > 1000
+  router = run.EXPERIMENTS["02_capacity_router"]
+  for arm in router.arms:
+    if not arm.same_as:
+      _fake_run(tmp_path / "02_capacity_router" / arm.name, 6.0, dropped=0.25)
+  summary = run.report(router, tmp_path)
+  assert summary["dropless"]["train_dropped_mean"] == 0.25
+  assert summary["top1-cf1.25"]["final_val_cross_entropy"] == 5.7  # 01_scaling/switch-8
+  _fake_run(tmp_path / "06_distillation" / "distilled", 5.94)
+  summary = run.report(run.EXPERIMENTS["06_distillation"], tmp_path)
+  assert summary["share_of_gain_kept"] == pytest.approx(0.06 / 0.3)

@@ -93,7 +93,7 @@ def test_registered_names_and_counts():
   counts = {prefix: sum(n.startswith(prefix) for n in ours)
             for prefix in ("c4", "mc4.", "super_glue_", "glue_", "local_", "embedded_")}
   assert counts == {"c4": 6, "mc4.": 107, "super_glue_": 10, "glue_": 12, "local_": 3,
-                    "embedded_": 3}
+                    "embedded_": 4}
   assert {"c4_v220_span_corruption", "c4_span_corruption", "mc4.zh_Latn",
           "super_glue_wsc_v102", "super_glue_axg_v102", "glue_stsb_v002"} <= ours
   assert {"mc4", "super_glue_v102_proportional", "glue_v002_proportional"} <= set(

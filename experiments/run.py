@@ -2,10 +2,11 @@
 """Run (or resume) the paper's experiments and regenerate their results.
 
     python experiments/run.py 01_scaling           # one experiment, miniature
-    python experiments/run.py all                  # all six, in order (~60 min on 2 cores)
+    python experiments/run.py all                  # all six, in order (~75 min on 2 cores)
     python experiments/run.py 02_capacity_router --report_only   # tables and plots again
     python experiments/run.py 01_scaling --scale full --print_commands \\
-        --gin.c4_vocabulary_path.path=\\"/data/vocab/spm.model\\" --gin.MESH_SHAPE="(64, 4, 1)"
+        --gin.c4_vocabulary_path.path=\\"/data/vocab/spm.model\\" --gin.MESH_SHAPE="(-1, 2, 1)" \\
+        --tfds_data_dir=/data/tensorflow_datasets
 
 Every arm is one `switch-jax train` command (printed before it runs) on the
 experiment's gin file plus the arm's bindings; each trains into
@@ -15,8 +16,9 @@ folder (miniature) or OUTPUT_DIR/<experiment>/ (full), `results.json`,
 `results.md` (the tables) and the plots. The written conclusions are each
 experiment's README.md.
 
-An arm "same as" another experiment's arm is that run (its settings are
-checked equal before anything trains); an arm that "reuses" one (the
+An arm "same as" another experiment's arm is that run when their settings
+are equal (checked before anything trains; at full scale some differ, and
+then the arm trains its own run); an arm that "reuses" one (the
 distillation's teacher and dense baseline) shows that run's results.
 """
 
@@ -88,9 +90,14 @@ def _load(run_dir: Path) -> dict:
   if dropped:
     out["train_dropped_mean"] = sum(dropped) / len(dropped)
     out["train_dropped_final"] = dropped[-1]
-  if "fraction_dropped" in final:
-    out["val_dropped"] = final["fraction_dropped"]
-  metric_keys = [k for k in final if "/" in k and isinstance(final[k], (int, float))]
+  if "router/fraction_dropped" in final:
+    out["val_dropped"] = final["router/fraction_dropped"]
+  if "expert_load" in final:
+    out["val_expert_load"] = final["expert_load"]
+    out["val_dead_experts"] = sum(1 for layer in final["expert_load"] for x in layer if x == 0)
+  # The task's own metrics (e.g. "embedded_continuation/accuracy"), not the router's.
+  metric_keys = [k for k in final if "/" in k and not k.startswith("router/")
+                 and isinstance(final[k], (int, float))]
   out["task_metrics"] = {k: final[k] for k in metric_keys}
   out["task_metrics_by_step"] = {
       k: [(r["step"], r[k]) for r in evals if k in r] for k in metric_keys}
@@ -102,9 +109,10 @@ def _load(run_dir: Path) -> dict:
 
 def _parameters(run_dir: Path) -> Optional[dict]:
   from switch_jax import param_count, train_checkpoints  # pylint: disable=import-outside-toplevel
+  from switch_jax.errors import UserError  # pylint: disable=import-outside-toplevel
   try:
     return param_count.count_params(train_checkpoints.load_config(run_dir))
-  except Exception:  # pylint: disable=broad-except  (a run from before the checkpoint)
+  except UserError:  # no checkpoint (yet): the table leaves the count out
     return None
 
 
@@ -145,6 +153,8 @@ def _plot_curves(results: dict, out_dir: Path, x: str, filename: str, title: str
 
 
 def report_scaling(experiment, results):
+  seeded = {name: r for name, r in results.items() if "-seed" in name}
+  results = {name: r for name, r in results.items() if name not in seeded}
   dense = results["dense"]
   rows, summary = [], {}
   for name, r in results.items():
@@ -160,13 +170,32 @@ def report_scaling(experiment, results):
     summary[name] = {"final_val_cross_entropy": r["final_val_cross_entropy"],
                      "step_speedup_to_dense_final": speedup,
                      "time_speedup_to_dense_final": time_speedup,
-                     "seconds_per_step": r["seconds_per_step"]}
+                     "seconds_per_step": r["seconds_per_step"],
+                     "train_dropped_mean": r.get("train_dropped_mean")}
     params = r.get("parameters", {})
     rows.append([name, params.get("total"), r["final_val_cross_entropy"],
                  r["final_val_accuracy"], dense["final_val_cross_entropy"] - r[
-                     "final_val_cross_entropy"], r["seconds_per_step"], speedup, time_speedup])
+                     "final_val_cross_entropy"], r["seconds_per_step"], speedup, time_speedup,
+                 r.get("train_dropped_mean")])
   table = _table(["arm", "parameters", "val CE", "val acc", "dense - arm", "s/step",
-                  "step speedup to dense final", "time speedup"], rows)
+                  "step speedup to dense final", "time speedup", "train dropped (mean)"], rows)
+  if seeded:
+    runs = {0: (dense, results["switch-8"])}
+    runs.update({seed: (seeded[f"dense-seed{seed}"], seeded[f"switch-8-seed{seed}"])
+                 for seed in (1, 2) if f"dense-seed{seed}" in seeded})
+    gaps = [d["final_val_cross_entropy"] - s["final_val_cross_entropy"] for d, s in runs.values()]
+    mean, std = analysis.mean_std(gaps)
+    summary["seeds"] = {"dense_minus_switch8": gaps, "mean": mean, "std": std,
+                        "dense_seconds_per_step": [d["seconds_per_step"] for d, _ in runs.values()],
+                        "switch8_seconds_per_step": [s["seconds_per_step"]
+                                                     for _, s in runs.values()]}
+    table += "\n\n" + _table(
+        ["seed", "dense val CE", "8 experts val CE", "dense - 8 experts", "dense s/step",
+         "8 experts s/step"],
+        [[seed, d["final_val_cross_entropy"], s["final_val_cross_entropy"], gap,
+          d["seconds_per_step"], s["seconds_per_step"]]
+         for (seed, (d, s)), gap in zip(runs.items(), gaps)])
+    table += f"\n\nDense - 8 experts over {len(gaps)} seeds: {mean:+.4f} ± {std:.4f} (std)"
   out = _out_dir(experiment)
   plots = [_plot_curves(results, out, "step", "loss_vs_step.png", "Validation loss vs step"),
            _plot_curves(results, out, "seconds", "loss_vs_time.png",
@@ -241,13 +270,20 @@ def report_distill(experiment, results):
   kept = analysis.share_of_gain_kept(dense, teacher, student) if teacher != dense else None
   summary = {"dense": dense, "teacher": teacher, "distilled": student,
              "teacher_gain": dense - teacher, "share_of_gain_kept": kept}
+  names = [n for n in ("dense", "teacher", "distilled", "init-only") if n in results]
   rows = [[name, results[name].get("parameters", {}).get("total"),
            results[name]["final_val_cross_entropy"], results[name]["final_val_accuracy"]]
-          for name in ("dense", "teacher", "distilled")]
+          for name in names]
   table = _table(["model", "parameters", "val CE", "val acc"], rows)
   table += (f"\n\nTeacher's gain over dense: {dense - teacher:+.4f} nats; "
             f"share kept by the distilled student: "
             f"{'-' if kept is None else f'{100 * kept:.0f}%'}")
+  if "init-only" in results:
+    init_only = results["init-only"]["final_val_cross_entropy"]
+    summary["init_only"] = init_only
+    summary["soft_targets_gain"] = init_only - student
+    table += (f"\n\nThe same start without the teacher's soft targets: {init_only:.4f}; "
+              f"the soft targets add {init_only - student:+.4f} nats")
   return summary, table, [_loss_plot(experiment, results)]
 
 
@@ -258,7 +294,11 @@ EXPERIMENTS = {e.name: e for e in [
     Experiment(
         "01_scaling", "01_scaling/scaling.gin",
         (Arm("dense", (experts(0),)),
-         *(Arm(f"switch-{n}", (experts(n),)) for n in (2, 4, 8, 16, 32))),
+         *(Arm(f"switch-{n}", (experts(n),)) for n in (2, 4, 8, 16, 32)),
+         # Seeds 1 and 2 of dense and 8 experts, for the spread of the gap.
+         *(Arm(f"dense-seed{seed}", (experts(0), f"RANDOM_SEED = {seed}")) for seed in (1, 2)),
+         *(Arm(f"switch-8-seed{seed}", (experts(8), f"RANDOM_SEED = {seed}"),
+               same_as=f"04_init_scale/init0.1-seed{seed}") for seed in (1, 2))),
         report_scaling),
     Experiment(
         "02_capacity_router", "02_capacity_router/capacity_router.gin",
@@ -273,7 +313,7 @@ EXPERIMENTS = {e.name: e for e in [
         report_router),
     Experiment(
         "03_precision", "03_precision/precision.gin",
-        (Arm("float32", same_as=S8),
+        (Arm("float32", gin_files=("precision/float32.gin",), same_as=S8),
          Arm("bfloat16-f32-router", gin_files=("precision/bfloat16.gin",)),
          Arm("bfloat16-router", gin_files=("precision/bfloat16_router.gin",))),
         report_precision),
@@ -300,7 +340,10 @@ EXPERIMENTS = {e.name: e for e in [
         "06_distillation", "06_distillation/distillation.gin",
         (Arm("dense", reuse="01_scaling/dense"),
          Arm("teacher", reuse=S8),
-         Arm("distilled", teacher=S8)),
+         Arm("distilled", teacher=S8),
+         # The same start from the teacher's weights, ground truth only: what
+         # the soft targets add beyond the initialization.
+         Arm("init-only", ("train.teacher_checkpoint_path = None",), teacher=S8)),
         report_distill),
 ]}
 
@@ -323,8 +366,8 @@ def resolve(ref: str) -> tuple[Experiment, Arm]:
 def gin_files(experiment: Experiment, arm: Arm, scale: str) -> list[str]:
   path = HERE / experiment.gin_file
   inside = Path.cwd() in path.parents  # keep the printed commands short and copyable
-  files = [os.path.relpath(path) if inside else str(path), *arm.gin_files]
-  return files + (["paper/full.gin"] if scale == "full" else [])
+  files = [os.path.relpath(path) if inside else str(path)]
+  return files + (["paper/full.gin"] if scale == "full" else []) + list(arm.gin_files)
 
 
 def bindings(experiment: Experiment, arm: Arm, scale: str, output_dir: Path,
@@ -340,6 +383,8 @@ def bindings(experiment: Experiment, arm: Arm, scale: str, output_dir: Path,
 
 
 def run_dir(experiment: Experiment, arm: Arm, output_dir: Path) -> Path:
+  if (experiment.name, arm.name) in _OWN_RUN:
+    return output_dir / experiment.name / arm.name
   if arm.same_as or arm.reuse:
     return run_dir(*resolve(arm.same_as or arm.reuse), output_dir)
   return output_dir / experiment.name / arm.name
@@ -374,13 +419,22 @@ def settings(experiment, arm, scale, output_dir, extra) -> dict:
   return out
 
 
-def check_same_as(experiment, arm, scale, output_dir, extra) -> None:
+_OWN_RUN: set[tuple[str, str]] = set()  # "same as" arms whose settings differ: trained apart
+
+
+def differences(experiment, arm, scale, output_dir, extra) -> dict:
+  """{setting: (this arm's, the run's)} where a "same as" arm differs from its run."""
   mine = settings(experiment, dataclasses.replace(arm, same_as=None), scale, output_dir, extra)
   theirs = settings(*resolve(arm.same_as), scale, output_dir, extra)
-  differ = {k: (mine[k], theirs.get(k)) for k in mine if mine[k] != theirs.get(k)}
+  return {k: (mine[k], theirs.get(k)) for k in mine if mine[k] != theirs.get(k)}
+
+
+def check_same_as(experiment, arm, scale, output_dir, extra) -> None:
+  differ = differences(experiment, arm, scale, output_dir, extra)
   if differ:
-    raise SystemExit(f"{experiment.name}/{arm.name} is declared the same run as "
-                     f"{arm.same_as} but differs in {differ}")
+    print(f"{experiment.name}/{arm.name} differs from {arm.same_as} at this scale "
+          f"({differ}): it trains its own run", flush=True)
+    _OWN_RUN.add((experiment.name, arm.name))
 
 
 def is_done(directory: Path, total_steps: int) -> bool:
@@ -392,11 +446,14 @@ _HANDLED: set[Path] = set()  # runs trained or printed by this invocation
 
 
 def train_arm(experiment, arm, scale, output_dir, extra, print_only: bool) -> None:
-  for ref in (arm.initial, arm.teacher, arm.same_as, arm.reuse):
-    if ref:  # a dependency trains first
+  for ref in (arm.initial, arm.teacher):
+    if ref:  # the checkpoints it starts from or distills come first
       train_arm(*resolve(ref), scale, output_dir, extra, print_only)
   directory = run_dir(experiment, arm, output_dir)
-  if arm.same_as or arm.reuse or directory in _HANDLED:
+  if directory != output_dir / experiment.name / arm.name:  # another experiment's run
+    train_arm(*resolve(arm.same_as or arm.reuse), scale, output_dir, extra, print_only)
+    return
+  if directory in _HANDLED:
     return
   _HANDLED.add(directory)
   args = command(experiment, arm, scale, output_dir, extra)
@@ -443,6 +500,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="where the arms train (OUTPUT_DIR/<scale>/<experiment>/<arm>)")
   parser.add_argument("--report_only", action="store_true",
                       help="train nothing; rewrite the tables and plots from the runs")
+  parser.add_argument("--tfds_data_dir", default=None,
+                      help="where TFDS datasets are prepared (full scale: C4, SuperGLUE)")
   parser.add_argument("--print_commands", action="store_true",
                       help="print each arm's train command and stop (e.g. to run on a pod)")
   args, unknown = parser.parse_known_args(argv)
@@ -452,6 +511,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       parser.error(f"unknown argument {flag!r} (gin bindings are --gin.NAME=VALUE)")
     name, value = flag[len("--gin."):].split("=", 1)
     extra.append(f"{name} = {value}")
+  if args.tfds_data_dir:
+    extra.append(f"tfds_data_dir.path = {json.dumps(args.tfds_data_dir)}")
   names = list(EXPERIMENTS) if args.experiments == ["all"] else args.experiments
   for name in names:
     if name not in EXPERIMENTS:
@@ -461,10 +522,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _OUTPUTS[name] = HERE / name if args.scale == "mini" else output_dir / name
   for name in names:
     experiment = EXPERIMENTS[name]
+    for arm in experiment.arms:
+      if arm.same_as:
+        check_same_as(experiment, arm, args.scale, output_dir, extra)
     if not args.report_only:
       for arm in experiment.arms:
-        if arm.same_as and not args.print_commands:
-          check_same_as(experiment, arm, args.scale, output_dir, extra)
         train_arm(experiment, arm, args.scale, output_dir, extra, args.print_commands)
     if not args.print_commands:
       report(experiment, output_dir)

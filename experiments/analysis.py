@@ -5,6 +5,8 @@ values (tests/test_experiments.py)."""
 from __future__ import annotations
 
 import math
+import statistics
+from statistics import median  # noqa: F401  (run.py's step-time summary)
 from typing import Optional, Sequence
 
 
@@ -66,11 +68,7 @@ def speedup_to_reach(baseline_steps: Sequence[int], baseline_losses: Sequence[fl
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
   """Mean and sample standard deviation (0 for a single value)."""
-  n = len(values)
-  mean = sum(values) / n
-  if n < 2:
-    return mean, 0.0
-  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+  return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def share_of_gain_kept(dense: float, teacher: float, student: float) -> float:
@@ -80,8 +78,3 @@ def share_of_gain_kept(dense: float, teacher: float, student: float) -> float:
     raise ValueError("the teacher is no better than the dense model: no gain to keep")
   return (dense - student) / (dense - teacher)
 
-
-def median(values: Sequence[float]) -> float:
-  ordered = sorted(values)
-  n = len(ordered)
-  return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2

@@ -130,14 +130,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
   return "\n".join(lines)
 
 
-def _plot_curves(results: dict, out_dir: Path, x: str, filename: str, title: str,
-                 names: Optional[Sequence[str]] = None) -> Path:
+def _plot_curves(results: dict, out_dir: Path, x: str, filename: str, title: str) -> Path:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(7, 4.2))
-  for name in names or results:
-    r = results[name]
+  for name, r in results.items():
     xs = r["steps"] if x == "step" else r["val_seconds"]
     ax.plot(xs, r["val_cross_entropy"], "o-", markersize=3, label=name)
   ax.set_xlabel("step" if x == "step" else "training seconds (2-core CPU)")
@@ -382,12 +380,15 @@ def bindings(experiment: Experiment, arm: Arm, scale: str, output_dir: Path,
   return out + list(extra)
 
 
-def run_dir(experiment: Experiment, arm: Arm, output_dir: Path) -> Path:
-  if (experiment.name, arm.name) in _OWN_RUN:
-    return output_dir / experiment.name / arm.name
-  if arm.same_as or arm.reuse:
-    return run_dir(*resolve(arm.same_as or arm.reuse), output_dir)
+def own_dir(experiment: Experiment, arm: Arm, output_dir: Path) -> Path:
   return output_dir / experiment.name / arm.name
+
+
+def run_dir(experiment: Experiment, arm: Arm, output_dir: Path) -> Path:
+  """Where the arm's run is: its own folder, or the other run it is."""
+  if (arm.same_as or arm.reuse) and (experiment.name, arm.name) not in _OWN_RUN:
+    return run_dir(*resolve(arm.same_as or arm.reuse), output_dir)
+  return own_dir(experiment, arm, output_dir)
 
 
 def command(experiment, arm, scale, output_dir, extra) -> list[str]:
@@ -450,7 +451,7 @@ def train_arm(experiment, arm, scale, output_dir, extra, print_only: bool) -> No
     if ref:  # the checkpoints it starts from or distills come first
       train_arm(*resolve(ref), scale, output_dir, extra, print_only)
   directory = run_dir(experiment, arm, output_dir)
-  if directory != output_dir / experiment.name / arm.name:  # another experiment's run
+  if directory != own_dir(experiment, arm, output_dir):  # another experiment's run
     train_arm(*resolve(arm.same_as or arm.reuse), scale, output_dir, extra, print_only)
     return
   if directory in _HANDLED:

@@ -111,7 +111,11 @@ def total_loss(config: ModelConfig, logits: Array, batch: Mapping[str, Array],
   nll, zl = cross_entropy(logits, targets, weights, z_loss)
   ce = jnp.sum(nll) / num_tokens
   zl = jnp.sum(zl) / num_tokens
-  correct = (jnp.argmax(logits, axis=-1) == targets) * weights
+  # The target is the argmax where its logit is the largest (a tie counts as
+  # right): a max, where argmax's (value, index) reduce ran unvectorized on
+  # XLA:CPU (32 ms of a Base-shaped step at vocab 32128).
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
+  correct = (target_logit[..., 0] >= jnp.max(logits, axis=-1)) * weights
   metrics = {"cross_entropy": ce, "z_loss": zl, "num_tokens": jnp.sum(weights),
              "accuracy": jnp.sum(correct) / num_tokens}
   loss = ce + zl

@@ -41,6 +41,14 @@ DEFAULT_PYTHON = "python3"  # on the TPU workers
 DEFAULT_RUNTIME_VERSION = "tpu-ubuntu2204-base"
 DEFAULT_NUM_DEVICES = 8
 LOCAL_PROGRAM = ("switch-jax",)
+# glibc (>= 2.35) backs the large blocks malloc maps with transparent huge
+# pages when this tunable is set; it is read at process start, so only a
+# child process gets it. XLA:CPU takes fresh memory for its outputs and
+# temporaries on every step, and on 4 KiB pages the first write to it ran at
+# 2.5 GB/s on a 2-core cloud VM (8.5 GB/s with huge pages): a Base-shaped
+# Switch train step ran 6% faster, the dense one 9% (docs/performance.md).
+# Ignored elsewhere (musl, macOS).
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 # GCP resource names; the zone, project and TPU type shapes are looser than
 # GCP's own checks on purpose: they only keep typos and stray syntax out.
@@ -184,6 +192,16 @@ def local_quickstart_command(num_devices: int = DEFAULT_NUM_DEVICES,
     command.append(f"--output_dir={_check_text(output_dir, 'output dir')}")
   command += [f"--gin.{k}={_gin_text(k, v)}" for k, v in (gin_bindings or {}).items()]
   return command
+
+
+def huge_page_env(env: Mapping[str, str]) -> dict[str, str]:
+  """`env` with HUGE_PAGES added to GLIBC_TUNABLES, unless it sets
+  glibc.malloc.hugetlb already (to 0, say, to turn it off)."""
+  env = dict(env)
+  tunables = env.get("GLIBC_TUNABLES", "")
+  if "glibc.malloc.hugetlb=" not in tunables:
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGE_PAGES) if t)
+  return env
 
 
 def _check_num_devices(num_devices) -> int:
@@ -499,12 +517,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     if args.target == "local":
       command = _local_command(args)
+      env = huge_page_env(os.environ)
+      shown = [f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}", *command]
       if args.dry_run:
-        print(shlex.join(command))
+        print(shlex.join(shown))
         return 0
       if shutil.which(command[0]) is None:
         raise UserError(f"{command[0]} is not on PATH: install the package (pip install -e .)")
-      return _run(command, subprocess.run)
+      print(f"+ {shlex.join(shown)}", file=sys.stderr, flush=True)
+      return subprocess.run(command, env=env, check=False).returncode
     steps = _tpu_plan(args)
     if args.dry_run:
       sys.stdout.write(format_plan(steps))

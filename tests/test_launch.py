@@ -85,7 +85,7 @@ def sandbox(tmp_path):
   for name in ("TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "BUCKET",
                "MODEL_DIR", "TFDS_DATA_DIR", "GIN_FILES", "GIN_BINDINGS", "PACKAGE",
                "REMOTE_PYTHON", "SPOT", "PREEMPTIBLE", "SKIP_INSTALL", "DELETE", "DRY_RUN",
-               "NUM_DEVICES", "OUTPUT_DIR", "DESCRIBE_STATE", "TRAIN_RC"):
+               "NUM_DEVICES", "OUTPUT_DIR", "DESCRIBE_STATE", "TRAIN_RC", "GLIBC_TUNABLES"):
     env.pop(name, None)
   return tmp_path, env
 
@@ -316,14 +316,15 @@ def test_tpu_pod_rejects_a_bucket_that_is_not_a_bucket_name(sandbox):
 def test_local_dry_run_prints_the_local_command(sandbox):
   tmp_path, env = sandbox
   result = _run_script("local.sh", {**env, "DRY_RUN": "1"}, tmp_path)
-  assert (result.returncode, result.stdout) == (0, "switch-jax quickstart --num_cpu_devices=8\n")
+  assert (result.returncode, result.stdout) == (
+      0, "GLIBC_TUNABLES=glibc.malloc.hugetlb=1 switch-jax quickstart --num_cpu_devices=8\n")
   env = {**env, "NUM_DEVICES": "4", "MODEL_DIR": "/tmp/my run",
          "GIN_FILES": "models/tiny_switch.gin runs/pretrain.gin",
          "GIN_BINDINGS": "TRAIN_STEPS=10\nMIXTURE_OR_TASK_NAME=\"embedded\""}
   result = _run_script("local.sh", env, tmp_path, "--dry_run")
   assert result.returncode == 0, result.stderr
   assert result.stdout == textwrap.dedent("""\
-      switch-jax train --num_cpu_devices=4 --gin_file=models/tiny_switch.gin \
+      GLIBC_TUNABLES=glibc.malloc.hugetlb=1 switch-jax train --num_cpu_devices=4 --gin_file=models/tiny_switch.gin \
 --gin_file=runs/pretrain.gin '--gin.MODEL_DIR="/tmp/my run"' --gin.TRAIN_STEPS=10 \
 '--gin.MIXTURE_OR_TASK_NAME="embedded"'
       """)
@@ -388,13 +389,23 @@ def test_cli_reports_user_errors_on_one_line(capsys):
   assert "expected NAME=VALUE" in capsys.readouterr().err
 
 
+def test_huge_page_env_adds_the_tunable_once_and_keeps_the_users():
+  assert launch.huge_page_env({})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert launch.huge_page_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})[
+      "GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  off = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "HOME": "/h"}
+  assert launch.huge_page_env(off) == off
+
+
 def test_local_runs_the_command_as_an_argv_list(sandbox):
   tmp_path, env = sandbox
   stub = tmp_path / "bin" / "switch-jax"
-  stub.write_text(STUB_PYTHON3.replace("python3", "switch-jax"))
+  stub.write_text(STUB_PYTHON3.replace("python3", "switch-jax")
+                  + 'echo "$GLIBC_TUNABLES" > "$LOG_DIR/../tunables"\n')
   stub.chmod(0o755)
   result = _run_script("local.sh", {**env, "OUTPUT_DIR": "out $(touch pwned)"}, tmp_path)
   assert result.returncode == 0, result.stderr
   assert _calls(tmp_path) == [["switch-jax", "quickstart", "--num_cpu_devices=8",
                                "--output_dir=out $(touch pwned)"]]
   assert not list(tmp_path.rglob("pwned"))
+  assert (tmp_path / "tunables").read_text() == "glibc.malloc.hugetlb=1\n"

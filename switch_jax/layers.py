@@ -136,6 +136,29 @@ class RelativePositionBias(nn.Module):
     return bias[None].astype(self.dtype)
 
 
+@jax.custom_vjp
+def _add_shared_bias(logits: Array, bias: Array) -> Array:
+  return logits + bias
+
+
+def _add_shared_bias_bwd(_, g: Array):
+  # The bias's gradient sums over the batch as a matrix-vector product:
+  # XLA:CPU's reduce over the leading axis of [4, 12, 512, 512] took 218 ms
+  # of a Base-shaped train step (the attention's whole fwd+bwd is ~60 ms).
+  ones = jnp.ones(g.shape[:1], g.dtype)
+  return g, jnp.einsum("b,b...->...", ones, g)[None]
+
+
+_add_shared_bias.defvjp(lambda logits, bias: (logits + bias, None), _add_shared_bias_bwd)
+
+
+def add_bias(logits: Array, bias: Array) -> Array:
+  """<float32>[B, H, q, k] attention logits plus a [1|B, H, q, k] bias."""
+  if bias.shape[0] == 1 and logits.shape[0] > 1:
+    return _add_shared_bias(logits, bias)
+  return logits + bias
+
+
 class MultiHeadAttention(nn.Module):
   """T5 attention: no 1/sqrt(d) scaling (folded into the query init), no biases.
 
@@ -166,7 +189,7 @@ class MultiHeadAttention(nn.Module):
       k, v, mask = self._update_cache(k, v, mask)
     logits = jnp.einsum("bqhk,bthk->bhqt", q, k).astype(jnp.float32)
     if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
+      logits = add_bias(logits, bias.astype(jnp.float32))
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from switch_jax import losses
+from switch_jax import layers, losses
 from switch_jax.config import NAMED_CONFIGS, PUBLISHED_SIZES, get_config
 from switch_jax.model import EncoderDecoder
 from switch_jax.param_count import abstract_params, count_params
@@ -63,6 +63,18 @@ def test_parameter_tree_layout():
   assert boxed["decoder/layers_1/mlp/experts/wo"].names == ("expert", "mlp", "embed")
   untied = abstract_params(get_config("tiny_switch", tie_embeddings=False))
   assert nn.unbox(untied)["decoder"]["logits_dense"].shape == (32, 128)
+
+
+@pytest.mark.parametrize("bias_batch", [1, 3])
+def test_attention_bias_gradient_equals_the_broadcast_add(bias_batch):
+  logits, bias, w = (jax.random.normal(jax.random.PRNGKey(i), shape) for i, shape in enumerate(
+      [(3, 2, 4, 5), (bias_batch, 2, 4, 5), (3, 2, 4, 5)]))
+  loss = lambda add: lambda l, b: jnp.sum(jax.nn.softmax(add(l, b), axis=-1) * w)
+  ours = jax.grad(loss(layers.add_bias), argnums=(0, 1))(logits, bias)
+  plain = jax.grad(loss(jnp.add), argnums=(0, 1))(logits, bias)
+  for a, b in zip(ours, plain):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_reduced_scale_truncated_normal_init():

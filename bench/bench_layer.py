@@ -41,6 +41,14 @@ def layer_config(num_experts: int, router: str, path: str, capacity_factor: floa
   return config, resolved
 
 
+def output_loss(y):
+  """sum(y^2) / 2, whose gradient needs the output y. (With sum(y) the
+  gradient is 1 whatever y is, so XLA dropped the dense MLP's second
+  forward matmul, and the baseline ran 5 of its 6 matmuls; the Switch layer
+  needs its expert outputs for the gates' gradient and ran all 6.)"""
+  return 0.5 * jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+
 def switch_step(config, router: str, tokens: int, abstract: bool = False):
   """fwd+bwd of the layer: (params, x) -> grads; returns (fn, args)."""
   layer = SwitchLayer(config, router)
@@ -53,7 +61,7 @@ def switch_step(config, router: str, tokens: int, abstract: bool = False):
   def loss(p, x):
     y, state = layer.apply({"params": p}, x, deterministic=False, mutable=["moe"])
     aux = sum(jnp.sum(v[0]) for k, v in state["moe"].items() if k in ("aux_loss", "z_loss"))
-    return jnp.sum(y.astype(jnp.float32)) + 1e-2 * aux
+    return output_loss(y) + 1e-2 * aux
 
   args = (params, jax.ShapeDtypeStruct(x.shape, x.dtype) if abstract else x)
   return jax.grad(loss, argnums=(0, 1)), args
@@ -68,7 +76,25 @@ def dense_step(tokens: int, dtype: str):
 
   def loss(p, x):
     h = jax.nn.relu(x @ p[0].astype(x.dtype))
-    return jnp.sum((h @ p[1].astype(x.dtype)).astype(jnp.float32))
+    return output_loss(h @ p[1].astype(x.dtype))
+
+  return jax.grad(loss, argnums=(0, 1)), (params, x)
+
+
+def floor_step(num_experts: int, tokens: int, dtype: str):
+  """fwd+bwd of the experts' matmuls alone, each on exactly tokens / E rows
+  (no router, no dispatch, no capacity slack), as one batched matmul per
+  weight: what any Switch layer pays for its expert weights on this
+  machine. (params, x) -> grads, like `dense_step`."""
+  rows = tokens // num_experts
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  params = (jax.random.normal(keys[0], (num_experts, D_MODEL, D_FF)) * D_MODEL ** -0.5,
+            jax.random.normal(keys[1], (num_experts, D_FF, D_MODEL)) * D_FF ** -0.5)
+  x = jax.random.normal(keys[2], (num_experts, rows, D_MODEL), jnp.dtype(dtype))
+  matmul = lambda a, w: jax.lax.dot_general(a, w.astype(a.dtype), (((2,), (1,)), ((0,), (0,))))
+
+  def loss(p, x):
+    return output_loss(matmul(jax.nn.relu(matmul(x, p[0])), p[1]))
 
   return jax.grad(loss, argnums=(0, 1)), (params, x)
 
@@ -94,15 +120,20 @@ def expert_weight_bytes(num_experts: int) -> int:
 
 
 def run_case(case: Case, dense: bench_timer.Compiled, rounds: int, budget_s: float) -> dict:
-  config, resolved = layer_config(case.num_experts, case.router, case.path,
-                                  case.capacity_factor or 1.0, case.dtype)
+  """One case against the dense MLP; router 'floor' times `floor_step`."""
   groups = num_groups(case.tokens, GROUP_SIZE)
   capacity = None
+  if case.router == "floor":
+    resolved = case.path
+    fn, args = floor_step(case.num_experts, case.tokens, case.dtype)
+  else:
+    config, resolved = layer_config(case.num_experts, case.router, case.path,
+                                    case.capacity_factor or 1.0, case.dtype)
+    fn, args = switch_step(config, case.router, case.tokens)
   if case.capacity_factor is not None:
     capacity = routing.expert_capacity(case.tokens // groups, case.num_experts,
                                        case.capacity_factor,
                                        num_selected=2 if case.router == "top2" else 1)
-  fn, args = switch_step(config, case.router, case.tokens)
   compiled = bench_timer.Compiled.of(fn, *args)
   best = bench_timer.interleaved({"switch": compiled.run, "dense": dense.run}, rounds, budget_s)
   memory = compiled.memory

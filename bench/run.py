@@ -31,6 +31,7 @@ import bench_torch  # noqa: E402
 import bench_report  # noqa: E402
 from switch_jax import routing  # noqa: E402
 from switch_jax.config import get_config  # noqa: E402
+from switch_jax.launch import huge_page_env  # noqa: E402
 
 SECTIONS = ("layer", "hf", "model", "memory", "compile")
 
@@ -56,6 +57,7 @@ def layer_cases(p: dict) -> list[bench_layer.Case]:
   for dtype in p["dtypes"]:
     for tokens in p["tokens"]:
       for num_experts in p["experts"]:
+        cases.append(bench_layer.Case("floor", "batched", num_experts, tokens, None, dtype))
         for router, path in p["paths"]:
           if path == "ragged" and num_experts > p["max_ragged_experts"]:
             continue  # XLA:CPU's ragged_dot does E dense matmuls: minutes a step
@@ -67,6 +69,7 @@ def layer_cases(p: dict) -> list[bench_layer.Case]:
       cases += [bench_layer.Case("top1", path, num_experts, tokens, cf, "float32")
                 for path in ("compact", "looped")]
     cases.append(bench_layer.Case("dropless", "bucketed", num_experts, tokens, None, "float32"))
+    cases.append(bench_layer.Case("floor", "batched", num_experts, tokens, None, "float32"))
   return cases
 
 
@@ -89,6 +92,10 @@ def log(message: str) -> None:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="a few minutes: fewer cases")
+  parser.add_argument("--no_hugepages", action="store_true",
+                      help="keep malloc on 4 KiB pages (by default the suite re-runs itself "
+                      "with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, as launch/local.sh runs "
+                      "training)")
   parser.add_argument("--out", default="bench/results/latest.json", help="JSON output path")
   parser.add_argument("--sections", default=",".join(SECTIONS),
                       help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -96,6 +103,10 @@ def main(argv=None) -> int:
                       "section, instead of the plan's")
   parser.add_argument("--dtypes", help="comma-separated layer dtypes, instead of the plan's")
   args = parser.parse_args(argv)
+  env = huge_page_env(os.environ)
+  if argv is None and not args.no_hugepages and env["GLIBC_TUNABLES"] != os.environ.get(
+      "GLIBC_TUNABLES"):
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads it at start
   sections = args.sections.split(",")
   p = plan(args.quick)
   if args.experts:
@@ -107,7 +118,8 @@ def main(argv=None) -> int:
                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick,
                       "jax": jax.__version__, "backend": jax.default_backend(),
                       "cpu": platform.processor() or platform.machine(),
-                      "cpu_count": os.cpu_count(), "load_start": bench_timer.load_average()}}
+                      "cpu_count": os.cpu_count(), "load_start": bench_timer.load_average(),
+                      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}}
   log("matmul peak")
   results["peak_gflops"] = bench_timer.matmul_peak(p["rounds"])
   dense = {}

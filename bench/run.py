@@ -57,7 +57,7 @@ def layer_cases(p: dict) -> list[bench_layer.Case]:
   for dtype in p["dtypes"]:
     for tokens in p["tokens"]:
       for num_experts in p["experts"]:
-        cases.append(bench_layer.Case("floor", "batched", num_experts, tokens, None, dtype))
+        cases.append(bench_layer.Case("experts_only", "batched", num_experts, tokens, None, dtype))
         for router, path in p["paths"]:
           if path == "ragged" and num_experts > p["max_ragged_experts"]:
             continue  # XLA:CPU's ragged_dot does E dense matmuls: minutes a step
@@ -69,7 +69,7 @@ def layer_cases(p: dict) -> list[bench_layer.Case]:
       cases += [bench_layer.Case("top1", path, num_experts, tokens, cf, "float32")
                 for path in ("compact", "looped")]
     cases.append(bench_layer.Case("dropless", "bucketed", num_experts, tokens, None, "float32"))
-    cases.append(bench_layer.Case("floor", "batched", num_experts, tokens, None, "float32"))
+    cases.append(bench_layer.Case("experts_only", "batched", num_experts, tokens, None, "float32"))
   return cases
 
 

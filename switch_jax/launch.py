@@ -46,7 +46,7 @@ LOCAL_PROGRAM = ("switch-jax",)
 # child process gets it. XLA:CPU takes fresh memory for its outputs and
 # temporaries on every step, and on 4 KiB pages the first write to it ran at
 # 2.5 GB/s on a 2-core cloud VM (8.5 GB/s with huge pages): a Base-shaped
-# Switch train step ran 6% faster, the dense one 9% (docs/performance.md).
+# Switch train step ran 6% faster, the dense one 10% (docs/performance.md).
 # Ignored elsewhere (musl, macOS).
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 

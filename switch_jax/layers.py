@@ -144,7 +144,8 @@ def _add_shared_bias(logits: Array, bias: Array) -> Array:
 def _add_shared_bias_bwd(_, g: Array):
   # The bias's gradient sums over the batch as a matrix-vector product:
   # XLA:CPU's reduce over the leading axis of [4, 12, 512, 512] took 218 ms
-  # of a Base-shaped train step (the attention's whole fwd+bwd is ~60 ms).
+  # of a Base-shaped train step (fwd+bwd of the add and a softmax over
+  # [4, 12, 512, 512]: 65 ms as a reduce, 14 ms as this product).
   ones = jnp.ones(g.shape[:1], g.dtype)
   return g, jnp.einsum("b,b...->...", ones, g)[None]
 

@@ -35,6 +35,7 @@ class Compiled:
   compile_s: float
   memory: Optional[object]  # XLA's CompiledMemoryStats
   bytes_accessed: Optional[float]  # XLA's cost-analysis estimate
+  flops: Optional[float]  # the same analysis's FLOPs
 
   @classmethod
   def of(cls, fn, *args) -> "Compiled":
@@ -49,9 +50,10 @@ class Compiled:
       cost = compiled.cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
       accessed = float(cost.get("bytes accessed", 0.0)) or None
+      flops = float(cost.get("flops", 0.0)) or None
     except Exception:  # pylint: disable=broad-except
-      accessed = None
-    return cls(lambda: compiled(*args), compile_s, memory, accessed)
+      accessed = flops = None
+    return cls(lambda: compiled(*args), compile_s, memory, accessed, flops)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, budget_s: float = 120.0

@@ -1,5 +1,6 @@
 """Metrics against values worked out by hand."""
 
+import numpy as np
 import pytest
 
 from switch_jax.data import metrics
@@ -28,12 +29,55 @@ def test_binary_f1_and_matthews():
   assert metrics.matthews_corrcoef([1, 1], [1, 1]) == {"matthews_corrcoef": 0.0}
 
 
+def test_f1_counts_an_invalid_prediction_as_the_opposite_of_its_target():
+  # T5: invalid -> 1 - target, so [1, 0, 1, 1, 0]: tp 1, fp 2, fn 1 -> 2 / 5.
+  assert metrics.f1_score_with_invalid([1, 1, 0, 0, 0], [1, -1, -1, -1, 0]) == {
+      "f1": pytest.approx(40.0)}
+  # Only negative targets invalid: each a false positive, tp 1, fp 1 -> 2 / 3.
+  assert metrics.f1_score_with_invalid([0, 1, 0], [-1, 1, 0]) == {"f1": pytest.approx(200 / 3)}
+  assert metrics.f1_score_with_invalid([0, 0], [-1, 0]) == {"f1": 0.0}
+  multirc = metrics.multirc_f1_over_all_answers(
+      [{"group": 0, "value": 0}, {"group": 0, "value": 1}], [{"value": -1}, {"value": 1}])
+  assert multirc == {"f1": pytest.approx(200 / 3)}
+
+
+def test_matthews_passes_invalid_predictions_as_a_third_class():
+  # Classes -1, 0, 1: targets 0 x3, 1 x2; predictions -1 x3, 0 x1, 1 x1; 2 right of 5.
+  # (2 * 5 - (3 * 1 + 2 * 1)) / sqrt((25 - 13) * (25 - 11)) = 5 / sqrt(168).
+  value = metrics.matthews_corrcoef([1, 1, 0, 0, 0], [1, -1, -1, -1, 0])["matthews_corrcoef"]
+  assert value == pytest.approx(100 * 5 / 168 ** 0.5)
+  assert metrics.matthews_corrcoef([0, 0, 1], [-1, -1, -1]) == {"matthews_corrcoef": 0.0}
+
+
+def test_matthews_equals_the_correlation_of_one_hot_labels():
+  # The K-class coefficient is the correlation of the one-hot label matrices.
+  rng = np.random.default_rng(0)
+  targets, predictions = rng.integers(0, 2, 40), rng.integers(-1, 2, 40)
+  classes = [-1, 0, 1]
+  x = np.stack([targets == c for c in classes], 1).astype(float)
+  y = np.stack([predictions == c for c in classes], 1).astype(float)
+  x, y = x - x.mean(0), y - y.mean(0)
+  expected = 100 * np.sum(x * y) / np.sqrt(np.sum(x * x) * np.sum(y * y))
+  assert metrics.matthews_corrcoef(targets, predictions)["matthews_corrcoef"] == (
+      pytest.approx(expected))
+
+
+def test_correlations_of_a_constant_prediction_are_undefined():
+  # As scipy (and so T5) reports them: NaN, not a correlation of 0.
+  assert np.isnan(metrics.pearson_corrcoef([1.0, 2.0, 3.0], [2.5, 2.5, 2.5])["pearson_corrcoef"])
+  assert np.isnan(metrics.spearman_corrcoef([1.0, 2.0, 3.0], [2.5, 2.5, 2.5])[
+      "spearman_corrcoef"])
+
+
 def test_pearson_and_spearman_with_ties():
   assert metrics.pearson_corrcoef([1, 2, 3, 4], [1, 3, 2, 4]) == {
       "pearson_corrcoef": pytest.approx(80.0)}
   # x ranks [1, 2.5, 2.5, 4] against [1, 2, 3, 4]: 4.5 / sqrt(4.5 * 5)
   assert metrics.spearman_corrcoef([1, 2, 2, 3], [10, 20, 30, 40]) == {
       "spearman_corrcoef": pytest.approx(100 * 4.5 / 22.5 ** 0.5)}
+  # Ties on both sides: ranks [1.5, 1.5, 3, 4] and [1, 3, 3, 3] -> 2 / sqrt(4.5 * 3).
+  assert metrics.spearman_corrcoef([1, 1, 2, 3], [1, 2, 2, 2]) == {
+      "spearman_corrcoef": pytest.approx(100 * 2 / 13.5 ** 0.5)}
 
 
 def test_multirc_f1a_and_exact_match_by_question():

@@ -2,7 +2,9 @@
 
 Each takes `(targets, predictions)` (postprocessed, see `text_to_text.py`)
 and returns `{name: value}` in percent, T5's reporting convention. A
-prediction that matched no label is class -1 and counts as wrong.
+prediction that matched no label is class -1 and counts as wrong, the way
+T5's metrics (t5/evaluation/metrics.py) count it: binary F1 scores it as
+the opposite of its target, Matthews correlation as a class of its own.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import collections
 import re
 import string
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
+import scipy.stats
 
 
 def accuracy(targets, predictions) -> dict:
@@ -33,12 +37,16 @@ def _binary_f1(targets, predictions) -> float:
 
 
 def f1_score_with_invalid(targets, predictions) -> dict:
-  """Binary F1 of class 1; an invalid prediction (-1) counts as wrong."""
-  return {"f1": 100.0 * _binary_f1(targets, predictions)}
+  """Binary F1 of class 1; an invalid prediction (neither 0 nor 1) is wrong
+  whatever the target: a false negative on a 1, a false positive on a 0."""
+  targets, predictions = np.asarray(targets), np.asarray(predictions)
+  invalid = (predictions != 0) & (predictions != 1)
+  return {"f1": 100.0 * _binary_f1(targets, np.where(invalid, 1 - targets, predictions))}
 
 
 def mean_multiclass_f1(num_classes: int) -> Callable:
-  """Unweighted mean over classes of one-vs-rest F1 (CommitmentBank's F1)."""
+  """Unweighted mean over classes of one-vs-rest F1 (CommitmentBank's F1);
+  an invalid prediction is a miss of its target's class and no other's."""
   def metric(targets, predictions) -> dict:
     targets, predictions = np.asarray(targets), np.asarray(predictions)
     scores = [_binary_f1(targets == c, predictions == c) for c in range(num_classes)]
@@ -47,53 +55,46 @@ def mean_multiclass_f1(num_classes: int) -> Callable:
 
 
 def matthews_corrcoef(targets, predictions) -> dict:
-  """Binary Matthews correlation; 0 when a row or column of the table is empty."""
-  targets, predictions = np.asarray(targets) == 1, np.asarray(predictions) == 1
-  tp = float(np.sum(targets & predictions))
-  tn = float(np.sum(~targets & ~predictions))
-  fp = float(np.sum(~targets & predictions))
-  fn = float(np.sum(targets & ~predictions))
-  denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-  value = (tp * tn - fp * fn) / denominator if denominator else 0.0
-  return {"matthews_corrcoef": 100.0 * value}
+  """Matthews correlation over every class that occurs, an invalid
+  prediction (-1) being one more class (the K-class form, Gorodkin 2004,
+  which is the usual binary one for two classes); 0 when the targets or
+  the predictions are all one class."""
+  targets, predictions = np.asarray(targets), np.asarray(predictions)
+  classes = np.union1d(targets, predictions)
+  true_counts = np.array([np.sum(targets == c) for c in classes], np.float64)
+  predicted_counts = np.array([np.sum(predictions == c) for c in classes], np.float64)
+  samples, correct = float(len(targets)), float(np.sum(targets == predictions))
+  covariance = correct * samples - true_counts @ predicted_counts
+  true_spread = samples ** 2 - true_counts @ true_counts
+  predicted_spread = samples ** 2 - predicted_counts @ predicted_counts
+  denominator = np.sqrt(true_spread * predicted_spread)
+  return {"matthews_corrcoef": 100.0 * (covariance / denominator if denominator else 0.0)}
 
 
-def _pearson(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  a, b = a - a.mean(), b - b.mean()
-  denominator = np.sqrt(np.sum(a * a) * np.sum(b * b))
-  return float(np.sum(a * b) / denominator) if denominator else 0.0
-
-
-def _average_ranks(values) -> np.ndarray:
-  """Ranks 1..n with ties sharing their mean rank (as Spearman needs)."""
-  values = np.asarray(values, np.float64)
-  order = np.argsort(values, kind="stable")
-  ranks = np.empty(len(values))
-  sorted_values = values[order]
-  start = 0
-  for end in range(1, len(values) + 1):
-    if end == len(values) or sorted_values[end] != sorted_values[start]:
-      ranks[order[start:end]] = (start + end + 1) / 2.0
-      start = end
-  return ranks
+def _correlation(function, targets, predictions) -> float:
+  """scipy's coefficient; NaN (as in T5) when either side is constant."""
+  with warnings.catch_warnings():  # constant input: NaN is the answer, not news
+    warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
+    return float(function(np.asarray(targets, np.float64),
+                          np.asarray(predictions, np.float64))[0])
 
 
 def pearson_corrcoef(targets, predictions) -> dict:
-  return {"pearson_corrcoef": 100.0 * _pearson(targets, predictions)}
+  return {"pearson_corrcoef": 100.0 * _correlation(scipy.stats.pearsonr, targets, predictions)}
 
 
 def spearman_corrcoef(targets, predictions) -> dict:
+  """Spearman's rho: Pearson's on ranks, tied values sharing their mean rank."""
   return {"spearman_corrcoef":
-          100.0 * _pearson(_average_ranks(targets), _average_ranks(predictions))}
+          100.0 * _correlation(scipy.stats.spearmanr, targets, predictions)}
 
 
 # MultiRC: targets and predictions are {"group": question, "value": 0/1}.
 
 def multirc_f1_over_all_answers(targets, predictions) -> dict:
-  """F1a: binary F1 over every answer option of every question."""
-  return {"f1": 100.0 * _binary_f1([t["value"] for t in targets],
-                                   [p["value"] for p in predictions])}
+  """F1a: binary F1 over every answer option of every question, an invalid
+  answer counted wrong as in `f1_score_with_invalid`."""
+  return f1_score_with_invalid([t["value"] for t in targets], [p["value"] for p in predictions])
 
 
 def exact_match_by_group(targets, predictions) -> dict:

@@ -5,6 +5,17 @@ Both run the encoder once, then the decoder one token per step inside a
 the previous token (the decoder start token, 0, first) and reads the logits
 of the next one. Token 1 is EOS; positions after it hold padding (0).
 
+A sequence's output never depends on the rest of its batch. Switch layers
+route with `generating=True` (switch_layer.py): a decode step's routing
+group is one token of every sequence, so under a capacity of
+`cf * B / E` slots the B rows, all fed the same start token at step 0,
+would compete for one expert's slots in row order, and the rows after the
+first C would lose their expert output. Token-choice routers therefore
+apply no capacity while generating (every token reaches its experts, as in
+the dropless router) and expert choice routes each encoder sequence as its
+own group. Rows that are finished, padding (all-zero inputs) or empty beams
+are also kept out of the routers' statistics.
+
 Beam search keeps two sets per example, GNMT / T5 style:
   alive: the `beam_size` best unfinished prefixes by log-probability, each
     with its own slice of the cache;
@@ -86,16 +97,30 @@ def init_cache(model: nn.Module, params: PyTree, encoded: Array, encoder_input_t
 
 
 def decode_step(model: nn.Module, params: PyTree, cache: PyTree, encoded: Array,
-                encoder_input_tokens: Array, tokens: Array) -> tuple[Array, PyTree]:
-  """One decoder step: <int32>[N] previous tokens -> (<float32>[N, V] logits, cache)."""
+                encoder_input_tokens: Array, tokens: Array,
+                live: Optional[Array] = None) -> tuple[Array, PyTree]:
+  """One decoder step: <int32>[N] previous tokens -> (<float32>[N, V] logits, cache).
+
+  `live` <bool>[N] marks the rows still decoding; the others are padding to
+  the routers (their logits are not used).
+  """
+  # The decoder reads only the padding (0) of its target tokens, as a mask.
+  targets = None if live is None else live.astype(jnp.int32)[:, None]
   logits, mutated = model.apply({"params": params, "cache": cache}, encoded,
-                                encoder_input_tokens, tokens[:, None], decode=True,
+                                encoder_input_tokens, tokens[:, None], targets, decode=True,
                                 mutable=["cache"], method=model.decode)
   return logits[:, 0].astype(jnp.float32), mutated["cache"]
 
 
-def _encode(model, params, encoder_input_tokens):
-  return model.apply({"params": params}, encoder_input_tokens, method=model.encode)
+def encode(model: nn.Module, params: PyTree, encoder_input_tokens: Array) -> Array:
+  """<int32>[B, Le] -> <dtype>[B, Le, d], each row routed as if alone."""
+  return model.apply({"params": params}, encoder_input_tokens, generating=True,
+                     method=model.encode)
+
+
+def _padding_rows(encoder_input_tokens: Array) -> Array:
+  """<bool>[B] rows with no input token: batch padding, never decoded."""
+  return ~jnp.any(encoder_input_tokens > 0, axis=1)
 
 
 def _previous_tokens(tokens: Array, step: Array) -> Array:
@@ -134,7 +159,7 @@ def greedy_decode(model: nn.Module, params: PyTree, encoder_input_tokens: Array,
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _greedy_decode(model, params, encoder_input_tokens, max_decode_length, eos_id):
   batch = encoder_input_tokens.shape[0]
-  encoded = _encode(model, params, encoder_input_tokens)
+  encoded = encode(model, params, encoder_input_tokens)
   cache = init_cache(model, params, encoded, encoder_input_tokens, max_decode_length)
 
   def not_done(s: _GreedyState):
@@ -142,14 +167,14 @@ def _greedy_decode(model, params, encoder_input_tokens, max_decode_length, eos_i
 
   def advance(s: _GreedyState):
     logits, cache = decode_step(model, params, s.cache, encoded, encoder_input_tokens,
-                                _previous_tokens(s.tokens, s.step))
+                                _previous_tokens(s.tokens, s.step), live=~s.finished)
     token = jnp.where(s.finished, PAD_ID, jnp.argmax(logits, axis=-1).astype(jnp.int32))
     tokens = jax.lax.dynamic_update_index_in_dim(s.tokens, token, s.step, axis=1)
     return _GreedyState(s.step + 1, cache, tokens, s.finished | (token == eos_id))
 
   start = _GreedyState(jnp.array(0, jnp.int32), cache,
                        jnp.full((batch, max_decode_length), PAD_ID, jnp.int32),
-                       jnp.zeros((batch,), bool))
+                       _padding_rows(encoder_input_tokens))
   return jax.lax.while_loop(not_done, advance, start).tokens
 
 
@@ -189,8 +214,12 @@ def beam_search(model: nn.Module, params: PyTree, encoder_input_tokens: Array, *
 def _beam_search(model, params, encoder_input_tokens, alpha, beam_size, max_decode_length,
                  eos_id):
   batch, k, length = encoder_input_tokens.shape[0], beam_size, max_decode_length
+  # Encode each input once; its K beams share that encoding, and a beam
+  # only ever continues a beam of the same example, so it stays consistent
+  # with the cache through every reordering.
+  padding = _padding_rows(encoder_input_tokens)
+  encoded = expand_beams(encode(model, params, encoder_input_tokens), k)
   encoder_input_tokens = expand_beams(encoder_input_tokens, k)
-  encoded = _encode(model, params, encoder_input_tokens)
   cache = init_cache(model, params, encoded, encoder_input_tokens, length)
 
   def not_done(s: _BeamState):
@@ -202,8 +231,10 @@ def _beam_search(model, params, encoder_input_tokens, alpha, beam_size, max_deco
     return (s.step < length) & ~jnp.all(beaten)
 
   def advance(s: _BeamState):
+    # Empty beams (-inf: the K-1 copies at step 0, padding rows) are not live.
     logits, cache = decode_step(model, params, s.cache, encoded, encoder_input_tokens,
-                                _previous_tokens(s.alive_tokens, s.step).reshape(-1))
+                                _previous_tokens(s.alive_tokens, s.step).reshape(-1),
+                                live=jnp.isfinite(s.alive_log_probs).reshape(-1))
     vocab = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits).reshape(batch, k, vocab)
     candidates = (s.alive_log_probs[..., None] + log_probs).reshape(batch, k * vocab)
@@ -232,12 +263,12 @@ def _beam_search(model, params, encoder_input_tokens, alpha, beam_size, max_deco
         finished_scores=finished_scores)
 
   # Beams start identical; only the first is live so that the first step
-  # does not propose the same continuation K times.
+  # does not propose the same continuation K times. Padding rows have none.
+  first = jnp.array([0.0] + [-jnp.inf] * (k - 1), jnp.float32)
   start = _BeamState(
       step=jnp.array(0, jnp.int32),
       alive_tokens=jnp.full((batch, k, length), PAD_ID, jnp.int32),
-      alive_log_probs=jnp.tile(jnp.array([0.0] + [-jnp.inf] * (k - 1), jnp.float32),
-                               (batch, 1)),
+      alive_log_probs=jnp.where(padding[:, None], -jnp.inf, first[None, :]),
       cache=cache,
       finished_tokens=jnp.full((batch, k, length), PAD_ID, jnp.int32),
       finished_scores=jnp.full((batch, k), -jnp.inf, jnp.float32))

@@ -454,12 +454,14 @@ def dropless_forward(x: Array, valid: Array, probs: Array, weights: dict, spec: 
   """No capacity: sort this device's tokens by expert, grouped matmul, unsort.
 
   Without a capacity groups do not change the outputs, so all local tokens
-  are sorted together; the statistics are still per group. `kernel` is a
-  key of DROPLESS_KERNELS.
+  are sorted together; the statistics are still per group. Each token takes
+  its top-1 expert, or its top-2 for `spec.router == 'top2'` (a top-2 layer
+  while generating). `kernel` is a key of DROPLESS_KERNELS.
   """
   groups, tokens, d = x.shape
   total = groups * tokens
-  plan, stats = routing.dropless_routing(probs, valid)
+  plan, stats = routing.dropless_routing(probs, valid,
+                                         num_selected=2 if spec.router == "top2" else 1)
   # Sorted row i holds assignment order[i] (token order[i] % T, choice
   # order[i] // T); assignment a sits at row position[a].
   position = _inverse(plan.order, plan.order.shape[0])

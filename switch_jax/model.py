@@ -16,20 +16,21 @@ import jax.numpy as jnp
 
 from switch_jax.config import ModelConfig
 from switch_jax.layers import (Embed, MlpBlock, MultiHeadAttention, RelativePositionBias, RMSNorm,
-                               activation_dtype, attention_mask, kernel_init, param)
+                               activation_dtype, attention_mask, kernel_init, param,
+                               vocab_logits)
 from switch_jax.switch_layer import SwitchLayer
 
 Array = jax.Array
 
 
 def _ffn_sublayer(config: ModelConfig, layer: int, decoder: bool, x: Array, valid: Array,
-                  drop: nn.Module, deterministic: bool) -> Array:
+                  drop: nn.Module, deterministic: bool, generating: bool) -> Array:
   """`x + FFN(norm(x))`, the FFN a Switch layer where the layout says so.
   Called inside a layer's compact method, so the modules belong to it."""
   h = RMSNorm(config.layer_norm_epsilon, activation_dtype(config), name="pre_mlp_layer_norm")(x)
   if config.is_sparse(layer):
     h = SwitchLayer(config, config.stack_router(decoder), causal=decoder, name="mlp")(
-        h, valid, deterministic=deterministic)
+        h, valid, deterministic=deterministic, generating=generating)
   else:
     h = MlpBlock(config, name="mlp")(h, deterministic=deterministic)
   return x + drop(h, deterministic=deterministic)
@@ -40,14 +41,14 @@ class EncoderLayer(nn.Module):
   layer: int
 
   @nn.compact
-  def __call__(self, x, bias, mask, valid, *, deterministic):
+  def __call__(self, x, bias, mask, valid, *, deterministic, generating=False):
     cfg = self.config
     dtype = activation_dtype(cfg)
     drop = nn.Dropout(cfg.dropout_rate)
     h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
     h = MultiHeadAttention(cfg, name="attention")(h, h, bias, mask, deterministic=deterministic)
     x = x + drop(h, deterministic=deterministic)
-    return _ffn_sublayer(cfg, self.layer, False, x, valid, drop, deterministic)
+    return _ffn_sublayer(cfg, self.layer, False, x, valid, drop, deterministic, generating)
 
 
 class DecoderLayer(nn.Module):
@@ -67,7 +68,8 @@ class DecoderLayer(nn.Module):
     h = MultiHeadAttention(cfg, name="encoder_decoder_attention")(
         h, encoded, None, cross_mask, deterministic=deterministic)
     x = x + drop(h, deterministic=deterministic)
-    return _ffn_sublayer(cfg, self.layer, True, x, valid, drop, deterministic)
+    # Every decode=True call is generation (or the call that sizes the cache).
+    return _ffn_sublayer(cfg, self.layer, True, x, valid, drop, deterministic, decode)
 
 
 class Encoder(nn.Module):
@@ -76,8 +78,12 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, segment_ids: Optional[Array] = None, *,
-               deterministic: bool) -> Array:
-    """<int32>[B, L] -> <dtype>[B, L, d]; token 0 is padding."""
+               deterministic: bool, generating: bool = False) -> Array:
+    """<int32>[B, L] -> <dtype>[B, L, d]; token 0 is padding.
+
+    `generating`: route as for decoding (SwitchLayer), so that each row's
+    encoding is independent of the other rows.
+    """
     cfg = self.config
     dtype = activation_dtype(cfg)
     valid = tokens > 0
@@ -89,7 +95,7 @@ class Encoder(nn.Module):
     x = nn.Dropout(cfg.dropout_rate)(self.embed(tokens), deterministic=deterministic)
     for i in range(cfg.num_encoder_layers):
       x = EncoderLayer(cfg, i, name=f"layers_{i}")(
-          x, bias, mask, valid, deterministic=deterministic)
+          x, bias, mask, valid, deterministic=deterministic, generating=generating)
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -141,10 +147,10 @@ class Decoder(nn.Module):
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     if cfg.tie_embeddings:
-      return self.embed.attend(x * jnp.asarray(cfg.d_model ** -0.5, dtype))
+      return self.embed.attend(x.astype(jnp.float32) * cfg.d_model ** -0.5)
     kernel = param(self, "logits_dense", kernel_init(cfg.init_scale, in_axis=0, out_axis=1),
                    (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
-    return jnp.einsum("bld,dv->blv", x, kernel.astype(dtype)).astype(jnp.float32)
+    return vocab_logits(x, kernel)
 
 
 class EncoderDecoder(nn.Module):
@@ -162,8 +168,9 @@ class EncoderDecoder(nn.Module):
     self.decoder = Decoder(cfg, self.token_embedder)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None, *,
-             deterministic: bool = True) -> Array:
-    return self.encoder(encoder_input_tokens, encoder_segment_ids, deterministic=deterministic)
+             deterministic: bool = True, generating: bool = False) -> Array:
+    return self.encoder(encoder_input_tokens, encoder_segment_ids, deterministic=deterministic,
+                        generating=generating)
 
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
              decoder_target_tokens: Optional[Array] = None, encoder_segment_ids=None,

@@ -163,11 +163,19 @@ class SwitchLayer(nn.Module):
         cfg.expert_capacity, num_selected=2 if self.router_type == "top2" else 1)
 
   def __call__(self, x: Array, valid: Optional[Array] = None, *,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True, generating: bool = False) -> Array:
     """<dtype>[B, L, d] tokens, <bool>[B, L] real-token mask -> <dtype>[B, L, d].
 
     Dropped tokens get 0 (the residual connection carries them on). Sows
     the layer's router metrics into the 'moe' collection.
+
+    `generating` (decoding.py's encoder pass and every decoder step) routes
+    so that no sequence depends on the rest of its batch: a decode step's
+    group is one token from each of B sequences, all fed the same start
+    token at step 0, so any capacity would make them compete in row order.
+    Token-choice routers then give every real token its experts with no
+    capacity (the dropless data path, same choices and gates); expert
+    choice, which needs a capacity, takes each sequence as its own group.
     """
     cfg = self.config
     batch, length, d = x.shape
@@ -179,15 +187,20 @@ class SwitchLayer(nn.Module):
     path = self.dispatch
     if path == "reference" and shards is not None:
       raise ConfigError("dispatch 'reference' runs on one device; use 'auto' on a mesh")
-    group_size = cfg.group_size or length
+    uncapped = generating and self.router_type != "expert_choice"
+    if uncapped and path not in (*dispatch.DROPLESS_KERNELS, "reference"):
+      path = auto_dispatch("dropless", jax.default_backend())
+    group_size = length if generating else (cfg.group_size or length)
     groups = num_groups(batch * length, group_size, num_batch_shards)
     xg, vg = x.reshape(groups, -1, d), valid.reshape(groups, -1)
 
     training = not deterministic
     jitter_key = self.make_rng("dropout") if training and cfg.jitter_noise > 0 else None
     dropout_key = self.make_rng("dropout") if training and cfg.expert_dropout > 0 else None
-    spec = dispatch.LayerSpec(self.router_type, cfg.ffn_activation,
-                              self.capacity(xg.shape[1], deterministic),
+    # The reference has no dropless top-k; a capacity of the whole group
+    # never drops a token, which is the same function.
+    capacity = xg.shape[1] if uncapped else self.capacity(xg.shape[1], deterministic)
+    spec = dispatch.LayerSpec(self.router_type, cfg.ffn_activation, capacity,
                               cfg.batch_prioritized_routing, cfg.expert_dropout)
     forward = functools.partial(_forward, spec=spec, path=path, jitter_noise=cfg.jitter_noise,
                                 router_dtype=cfg.router_dtype, batch_axes=batch_axes,

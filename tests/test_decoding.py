@@ -79,8 +79,8 @@ def _naive_greedy(setup):
   prefix cannot change its last logits.
   """
   model, params, enc, length, teacher_forced = setup
-  tokens = np.zeros((BATCH, length), np.int32)
-  finished = np.zeros(BATCH, bool)
+  tokens = np.zeros((len(enc), length), np.int32)
+  finished = np.zeros(len(enc), bool)
   for step in range(length):
     logits = np.asarray(teacher_forced(params, enc, _shift_right(tokens)))
     token = np.where(finished, 0, logits[:, step].argmax(-1))
@@ -249,3 +249,73 @@ def test_predict():
     decoding.predict(model, params, batch, method="sample")
   with pytest.raises(ConfigError, match="max_decode_length"):
     decoding.predict(model, params, {"encoder_input_tokens": enc})
+
+
+# Tight capacity (cf 1.0, at least 1 slot, every row in one group): under it
+# a decode step's rows would compete for slots. NO_DROPS has the same
+# weights and never drops a token, the function generation must compute.
+TIGHT = dict(vocab_size=128, group_size=8192, eval_capacity_factor=1.0, min_expert_capacity=1)
+NO_DROPS = dict(vocab_size=128, group_size=8192, expert_capacity=10 ** 6)
+IN_BATCH, ALONE_ROW = 32, 29
+
+
+@functools.lru_cache(maxsize=None)
+def _capacity_setup():
+  """A batch of 32 (rows 3 and 17 all padding) and the same params under
+  TIGHT and NO_DROPS configs."""
+  tight = EncoderDecoder(get_config("tiny_switch", **TIGHT))
+  no_drops = EncoderDecoder(get_config("tiny_switch", **NO_DROPS))
+  enc = np.array(jax.random.randint(jax.random.PRNGKey(5), (IN_BATCH, ENCODER_LENGTH), 2, 128))
+  enc[[3, 17]] = 0
+  enc[ALONE_ROW, 6:] = 0
+  params = _random_params(tight, enc, seed=0)
+  teacher_forced = jax.jit(lambda p, e, d: no_drops.apply({"params": p}, e, d))
+  return tight, params, enc, teacher_forced
+
+
+def test_decoding_a_sequence_alone_or_in_any_batch_gives_the_same_output():
+  model, params, enc, teacher_forced = _capacity_setup()
+  length = 5
+  alone = enc[ALONE_ROW:ALONE_ROW + 1]
+  greedy_batch = np.asarray(decoding.greedy_decode(model, params, enc, max_decode_length=length))
+  greedy_alone = np.asarray(decoding.greedy_decode(model, params, alone, max_decode_length=length))
+  np.testing.assert_array_equal(greedy_batch[ALONE_ROW], greedy_alone[0])
+  np.testing.assert_array_equal(greedy_batch[[3, 17]], 0)  # padding rows are never decoded
+  # Generation applies no capacity: greedy is the argmax of the model that drops nothing.
+  setup = (None, params, enc, length, teacher_forced)
+  real = np.any(enc > 0, axis=1)
+  np.testing.assert_array_equal(greedy_batch[real], _naive_greedy(setup)[real])
+
+  beams = 3
+  tokens, scores = decoding.beam_search(model, params, enc, beam_size=beams, alpha=0.6,
+                                        max_decode_length=length)
+  tokens_alone, scores_alone = decoding.beam_search(model, params, alone, beam_size=beams,
+                                                    alpha=0.6, max_decode_length=length)
+  np.testing.assert_array_equal(tokens[ALONE_ROW], tokens_alone[0])
+  # Equal up to float summation order, which differs with the batch shape.
+  np.testing.assert_allclose(scores[ALONE_ROW], scores_alone[0], rtol=1e-4, atol=1e-4)
+  # Every beam attends to its own input's one encoding: its score is the
+  # drop-free teacher-forced log-probability of its tokens.
+  np.testing.assert_allclose(np.asarray(scores)[real],
+                             _teacher_forced_scores(setup, tokens, 0.6)[real], atol=1e-4)
+
+
+def test_rows_that_are_not_live_are_not_routed():
+  # A decode step's router statistics count only the live rows: one live
+  # row gives one expert all of the step's picks.
+  model, params, enc, _ = _capacity_setup()
+  encoded = decoding.encode(model, params, enc)
+  cache = decoding.init_cache(model, params, encoded, enc, 2)
+  live = np.zeros(IN_BATCH, np.int32)
+  live[ALONE_ROW] = 1
+
+  @jax.jit
+  def step(live):
+    _, state = model.apply({"params": params, "cache": cache}, encoded, enc,
+                           np.zeros((IN_BATCH, 1), np.int32), live[:, None], decode=True,
+                           mutable=["cache", "moe"], method=model.decode)
+    return state["moe"]["decoder"]["layers_1"]["mlp"]["expert_fraction"][0]
+
+  fraction = np.asarray(step(live))
+  assert sorted(fraction.tolist())[-1] == 1.0 and np.sum(fraction) == 1.0
+  assert np.max(np.asarray(step(np.ones_like(live)))) < 1.0  # all 32 rows spread over experts

@@ -28,7 +28,8 @@ def _batch(seed=0, vocab=128):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_apply(model):
-  return jax.jit(model.apply, static_argnames=("deterministic", "mutable", "method", "decode"))
+  return jax.jit(model.apply, static_argnames=("deterministic", "mutable", "method", "decode",
+                                               "capture_intermediates"))
 
 
 def _apply(model, *args, **kwargs):
@@ -204,3 +205,26 @@ def test_expert_parameters_scale_with_experts_not_the_rest():
   assert c16["expert"] == 2 * c8["expert"]
   # Only the routers grow among the non-expert parameters: 12 layers x d x 8.
   assert c16["non_expert"] - c8["non_expert"] == 12 * 768 * 8
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vocabulary_logits_are_float32_under_the_bfloat16_policy(tied):
+  # The decoder's last hidden state is bfloat16; the projection onto the
+  # vocabulary must not round the logits to bfloat16 (t5x computes it in
+  # float32). Rounded, they would be off by up to ~4e-3 relative.
+  cfg, _, params = _model("tiny_switch", tie_embeddings=tied)
+  bf16 = EncoderDecoder(cfg.replace(dtype="bfloat16"))
+  enc, dec_in, tgt = _batch()
+  logits, state = _apply(bf16, {"params": params}, enc, dec_in, tgt,
+                         mutable=("intermediates",), capture_intermediates=True)
+  hidden = state["intermediates"]["decoder"]["decoder_norm"]["__call__"][0]
+  assert hidden.dtype == jnp.bfloat16
+  hidden = np.asarray(hidden, np.float64)
+  weights = nn.meta.unbox(params)
+  if tied:
+    expected = hidden * cfg.d_model ** -0.5 @ np.asarray(
+        weights["token_embedder"]["embedding"], np.float64).T
+  else:
+    expected = hidden @ np.asarray(weights["decoder"]["logits_dense"], np.float64)
+  assert np.max(np.abs(expected)) > 0.5  # large enough for bfloat16 rounding to show
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)

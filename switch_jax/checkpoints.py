@@ -1,20 +1,24 @@
-"""The on-disk model checkpoint: what `convert` writes and the trainer restores.
+"""A model on disk: what `convert` writes, what training saves, and the one
+resolver every `--checkpoint` goes through.
 
-A model checkpoint is a directory:
+A model checkpoint (`switch-jax convert`) is a directory:
 
   config.json    ModelConfig.to_json()
   params/        orbax StandardCheckpointer save of the unboxed float32
                  parameter tree (the tree `EncoderDecoder.init` makes)
   metadata.json  {"format": "switch_jax.model/1", "source": ..., ...}
 
-A trainer stores its own state beside these (say `train_state/`): it writes
-everything inside one `atomic_directory` block, calling `write_model` for
-the model part, and restores the model part with `load_model`.
+A training run saves `MODEL_DIR/checkpoints/<step>/` with `params/` (the
+same tree) and `meta/` (JSON holding the model config) beside its optimizer
+state (see train_checkpoints.py). `resolve` accepts all three spellings of
+"a model": a model checkpoint, a run's MODEL_DIR (its newest complete step,
+also through MODEL_DIR/checkpoints) and one step directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import uuid
@@ -25,6 +29,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 from switch_jax import __version__
@@ -36,6 +41,11 @@ FORMAT = "switch_jax.model/1"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 METADATA_FILE = "metadata.json"
+RUN_STEPS_DIR = "checkpoints"  # MODEL_DIR/checkpoints/<step>/
+STEP_META_DIR = "meta"  # a step's JSON item, holding "model_config"
+# The --help of every flag `resolve` reads.
+CHECKPOINT_HELP = ("a model checkpoint (from `switch-jax convert`), a training run's MODEL_DIR "
+                   "(its newest complete step) or one step directory")
 
 
 @contextlib.contextmanager
@@ -134,7 +144,7 @@ def save_model(path, config: ModelConfig, params: Any,
 def read_json_object(file: Path) -> dict:
   """A JSON file holding an object; a UserError naming the file otherwise."""
   try:
-    value = json.loads(Path(file).read_text())
+    value = json.loads(epath.Path(file).read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{file}: not valid JSON ({e})") from None
   if not isinstance(value, dict):
@@ -142,13 +152,15 @@ def read_json_object(file: Path) -> dict:
   return value
 
 
+def absolute(path) -> epath.Path:
+  """A local path made absolute; a bucket path (gs://...) as it is."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else path.absolute()
+
+
 def load_metadata(path) -> dict:
-  """The checkpoint's metadata.json, after checking its format."""
-  path = Path(path)
-  if not path.is_dir():
-    raise UserError(f"model checkpoint {path} does not exist (expected a directory with "
-                    f"{CONFIG_FILE}, {PARAMS_DIR}/ and {METADATA_FILE})")
-  file = path / METADATA_FILE
+  """A model checkpoint's metadata.json, after checking its format."""
+  file = absolute(path) / METADATA_FILE
   if not file.is_file():
     raise UserError(f"{path} is not a switch_jax model checkpoint: no {METADATA_FILE}")
   meta = read_json_object(file)
@@ -158,33 +170,131 @@ def load_metadata(path) -> dict:
   return meta
 
 
-def load_config(path) -> ModelConfig:
-  """The checkpoint's ModelConfig."""
-  file = Path(path) / CONFIG_FILE
-  if not file.is_file():
-    raise UserError(f"model checkpoint {path} has no {CONFIG_FILE}")
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """Where a model's config and parameters are.
+
+  Attributes:
+    path: the directory holding `params/`: a model checkpoint or a step.
+    step: the training step; None for a model checkpoint.
+  """
+  path: epath.Path
+  step: Optional[int] = None
+
+  @property
+  def params_dir(self) -> epath.Path:
+    return self.path / PARAMS_DIR
+
+  def describe(self) -> str:
+    return f"{self.path} (step {self.step})" if self.step is not None else str(self.path)
+
+  def config(self) -> ModelConfig:
+    if self.step is None:
+      file = self.path / CONFIG_FILE
+      if not file.is_file():
+        raise UserError(f"model checkpoint {self.path} has no {CONFIG_FILE}")
+      text = file.read_text()
+    else:
+      text = _read_step_meta(self.path).get("model_config")
+      if not isinstance(text, str):
+        raise UserError(f"{self.path / STEP_META_DIR}: no model_config; not a switch_jax "
+                        "training checkpoint")
+    try:
+      return ModelConfig.from_json(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+      raise UserError(f"{self.describe()}: not a valid model config ({e})") from None
+
+  def restore(self, target) -> Any:
+    """The parameters, restored onto `target` (a tree of ShapeDtypeStructs
+    with the shardings wanted)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+      try:
+        return checkpointer.restore(self.params_dir, target)
+      except (ValueError, KeyError) as e:
+        raise UserError(f"{self.params_dir} does not match the model being built: "
+                        f"{str(e).splitlines()[0][:300]}") from None
+
+
+def _read_step_meta(step_dir: epath.Path) -> dict:
   try:
-    return ModelConfig.from_json(file.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-    raise UserError(f"{file}: not a valid model config ({e})") from None
+    return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / STEP_META_DIR))
+  except Exception as e:  # orbax raises many types for damaged files
+    raise UserError(f"{step_dir / STEP_META_DIR}: cannot read the step's metadata "
+                    f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+
+
+def _is_step(path: epath.Path) -> bool:
+  """A complete training step: params/ and meta/, and orbax finalized it."""
+  return ((path / PARAMS_DIR).is_dir() and (path / STEP_META_DIR).is_dir()
+          and ocp.step.is_path_finalized(path))
+
+
+def _newest_step(steps_dir: epath.Path) -> Optional[epath.Path]:
+  # Unfinished saves are named `<step>.orbax-checkpoint-tmp-*` (not digits)
+  # locally, and lack orbax's commit marker on buckets; both are skipped.
+  steps = sorted((int(p.name), p) for p in steps_dir.iterdir() if p.name.isdigit())
+  return next((p for _, p in reversed(steps) if _is_step(p)), None)
+
+
+def resolve(path) -> ModelSource:
+  """The model a `--checkpoint` names: a model checkpoint (metadata.json), a
+  training step directory, or a training run's MODEL_DIR (or its
+  checkpoints/ folder), which means its newest complete step.
+
+  Raises:
+    UserError: none of these is there; the message names what was looked for.
+  """
+  if not path:
+    raise UserError("no checkpoint given")
+  path = absolute(path)
+  if not path.is_dir():
+    raise UserError(f"checkpoint {path} does not exist (expected a model checkpoint from "
+                    "`switch-jax convert`, a training run's MODEL_DIR or one of its "
+                    f"{RUN_STEPS_DIR}/<step> directories)")
+  if (path / METADATA_FILE).is_file():
+    load_metadata(path)
+    return ModelSource(path)
+  if _is_step(path):
+    return ModelSource(path, int(path.name) if path.name.isdigit() else None)
+  for steps_dir in (path / RUN_STEPS_DIR, path):
+    if steps_dir.is_dir():
+      step_dir = _newest_step(steps_dir)
+      if step_dir is not None:
+        return ModelSource(step_dir, int(step_dir.name))
+  if (path / RUN_STEPS_DIR).is_dir():
+    raise UserError(f"training run {path} has no complete checkpoint in "
+                    f"{path / RUN_STEPS_DIR} yet (a step is saved every CheckpointConfig.period "
+                    "steps and at the end)")
+  raise UserError(f"{path} is not a model: looked for {METADATA_FILE} (a model checkpoint "
+                  f"from `switch-jax convert`), {PARAMS_DIR}/ with {STEP_META_DIR}/ (a training "
+                  f"step) and {RUN_STEPS_DIR}/<step>/ (a training run's MODEL_DIR); found none")
+
+
+def load_config(path) -> ModelConfig:
+  """The ModelConfig of whatever `resolve(path)` finds."""
+  return resolve(path).config()
+
+
+def load_params(path, target) -> Any:
+  """The parameters of whatever `resolve(path)` finds, restored onto `target`."""
+  return resolve(path).restore(target)
 
 
 def load_model(path) -> tuple[ModelConfig, Any]:
-  """Reads a model checkpoint.
+  """Reads the model `resolve(path)` finds onto the default device.
 
   Returns:
-    The config and the unboxed float32 parameter tree (jax arrays on the
-    default device).
+    The config and the unboxed float32 parameter tree.
 
   Raises:
-    UserError: the directory, config.json, metadata.json or params/ is
-      missing or unreadable, or a stored shape differs from the config's.
+    UserError: no model is there, its files are unreadable, or a stored
+      shape differs from the config's.
   """
-  load_metadata(path)
-  config = load_config(path)
-  params_dir = (Path(path) / PARAMS_DIR).absolute()
+  source = resolve(path)
+  config = source.config()
+  params_dir = source.params_dir
   if not params_dir.is_dir():
-    raise UserError(f"model checkpoint {path} has no {PARAMS_DIR}/ directory")
+    raise UserError(f"model checkpoint {source.path} has no {PARAMS_DIR}/ directory")
   with ocp.StandardCheckpointer() as checkpointer:
     try:
       stored = checkpointer.metadata(params_dir).item_metadata.tree
@@ -193,9 +303,8 @@ def load_model(path) -> tuple[ModelConfig, Any]:
                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     check_shapes(config, {p: tuple(m.shape) for p, m in
                           traverse_util.flatten_dict(stored).items()}, f"{params_dir}")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = traverse_util.unflatten_dict({
-        p: jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)
-        for p, shape in _expected_shapes(config).items()})
-    params = checkpointer.restore(params_dir, target)
-  return config, params
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = traverse_util.unflatten_dict({
+      p: jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)
+      for p, shape in _expected_shapes(config).items()})
+  return config, source.restore(target)

@@ -14,6 +14,7 @@ batches are padded with all-zero rows, so each function compiles once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -29,7 +30,8 @@ import seqio
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from switch_jax import decoding, partitioning, train_checkpoints, train_step
+from switch_jax import (checkpoints, decoding, partitioning, run_logging, train_checkpoints,
+                        train_step)
 from switch_jax.config import ModelConfig
 from switch_jax.data import pipeline, sources, vocabularies
 from switch_jax.errors import UserError
@@ -95,7 +97,7 @@ def eval_metrics(model: EncoderDecoder, params, batches: Iterable[Mapping[str, n
     batch_size: rows of a global batch.
 
   Returns:
-    {'loss', 'cross_entropy', 'z_loss', 'accuracy', router metrics: float}
+    {name: float} of `run_logging.METRICS` (the names training records),
     weighted by each batch's real target tokens, 'num_tokens' (their total),
     and for a Switch model 'expert_load' ([layers][experts] token fractions).
   """
@@ -123,13 +125,65 @@ def eval_metrics(model: EncoderDecoder, params, batches: Iterable[Mapping[str, n
   sums = jax.tree.map(lambda *xs: np.sum(np.stack(xs), axis=0, dtype=np.float64),
                       *[jax.device_get(o) for o in outputs])
   tokens = float(sums.pop("num_tokens"))
-  results = {"num_tokens": tokens}
-  for name, total in sums.items():
-    mean = total / max(tokens, 1.0)
-    if name == "router/expert_fraction_per_layer":
-      results["expert_load"] = np.round(mean, 6).tolist()
-    elif np.ndim(mean) == 0:
-      results[name] = float(mean)
+  means = {name: total / max(tokens, 1.0) for name, total in sums.items()}
+  results = {**run_logging.scalars(means), "num_tokens": tokens}
+  load = run_logging.expert_load(means, decimals=6)
+  if load is not None:
+    results[run_logging.EXPERT_LOAD] = load
+  return results
+
+
+def _eval_tasks(dataset: pipeline.DatasetConfig) -> tuple[bool, list[seqio.Task]]:
+  """(whether the name is a mixture, its tasks that have the split)."""
+  provider = pipeline.get_mixture_or_task(dataset.mixture_or_task_name)
+  tasks = [t for t in seqio.get_subtasks(provider) if dataset.split in t.splits]
+  if not tasks:
+    raise UserError(f"{dataset.mixture_or_task_name} has no split {dataset.split!r}")
+  return isinstance(provider, seqio.Mixture), tasks
+
+
+def _pooled(per_task: Sequence[Mapping]) -> dict:
+  """The metrics of several tasks' tokens taken together: each task's
+  means weighted by its target tokens."""
+  if len(per_task) == 1:
+    return dict(per_task[0])
+  tokens = [r["num_tokens"] for r in per_task]
+  total = sum(tokens)
+  pooled = {"num_tokens": total}
+  for name in per_task[0]:
+    if name != "num_tokens" and all(name in r for r in per_task):
+      mean = sum(np.asarray(r[name]) * n for r, n in zip(per_task, tokens)) / max(total, 1.0)
+      pooled[name] = np.round(mean, 6).tolist() if np.ndim(mean) else float(mean)
+  return pooled
+
+
+def eval_dataset_metrics(model: EncoderDecoder, params, dataset: pipeline.DatasetConfig, *,
+                         mesh: Mesh, max_batches: Optional[int] = None) -> dict:
+  """Teacher-forced metrics of `dataset`'s split, one task at a time.
+
+  A seqio mixture's stream ends when its first task runs out, so a mixture
+  is read task by task (as t5x evaluates one), each task whole or up to
+  `max_batches` batches.
+
+  Returns:
+    `eval_metrics`' names over the tokens of every task together; for a
+    mixture also "<task>/teacher_forced/<name>" of each task's scalars.
+  """
+  is_mixture, tasks = _eval_tasks(dataset)
+  per_task = {}
+  for task in tasks:
+    task_dataset = dataclasses.replace(dataset, mixture_or_task_name=task.name)
+    batches = pipeline.get_eval_batches(task_dataset, jax.process_index(), jax.process_count())
+    try:
+      per_task[task.name] = eval_metrics(model, params, itertools.islice(batches, max_batches),
+                                         mesh=mesh, batch_size=dataset.batch_size)
+    except UserError as e:
+      raise UserError(f"{task.name}: {e}") from None
+  results = _pooled(list(per_task.values()))
+  if is_mixture:
+    for name, metrics in per_task.items():
+      results.update({run_logging.task_metric(name, k): v for k, v in metrics.items()
+                      if isinstance(v, float)})
   return results
 
 
@@ -196,7 +250,9 @@ def _no_in_memory_cache(tasks: Sequence[seqio.Task]):
 class InferenceEvaluator:
   """Scores a task's (or mixture's) eval split with the tasks' metric functions.
 
-  Every host decodes the whole eval set (seqio caches it on each). Tasks
+  A mixture is scored task by task, each task's split whole (seqio's
+  Evaluator reads its tasks one by one). Every host decodes the whole eval
+  set (seqio caches it on each). Tasks
   without metrics or the split are skipped; metrics on scores or auxiliary
   values are not supported.
   """
@@ -211,7 +267,9 @@ class InferenceEvaluator:
     _check_decode(decode)
     self.model, self.mesh, self.batch_size = model, mesh, batch_size
     self._decode = dict(decode=decode, beam_size=beam_size, alpha=alpha)
-    tasks = seqio.get_subtasks(pipeline.get_mixture_or_task(mixture_or_task_name))
+    provider = pipeline.get_mixture_or_task(mixture_or_task_name)
+    self._name, self._is_mixture = mixture_or_task_name, isinstance(provider, seqio.Mixture)
+    tasks = seqio.get_subtasks(provider)
     sources.use_tfds_data_dir(tasks, sources.explicit_tfds_data_dir(tfds_data_dir))
     lengths = dict(task_feature_lengths) if task_feature_lengths else None
     with _no_in_memory_cache(tasks):
@@ -248,16 +306,25 @@ class InferenceEvaluator:
     return [(int(index), row) for (index, _), row in zip(examples, tokens)]
 
   def evaluate(self, params, step: Optional[int] = None) -> dict[str, float]:
-    """{"task/metric": value} of every eval task; {} when none has metrics."""
+    """{"task/metric": value} of every eval task, and for a mixture whose
+    tasks have metrics "<mixture>/average": the mean over its tasks of each
+    task's mean metric (GLUE's and SuperGLUE's average score); {} when no
+    task has metrics."""
     if not self.eval_tasks:
       return {}
     future, _ = self._evaluator.evaluate(
         compute_metrics=True, step=step, predict_fn=functools.partial(self.predict, params))
-    flat = {}
+    flat, task_means = {}, []
     for task, metrics in future.result().items():
+      values = []
       for name, value in metrics.items():
         with contextlib.suppress(TypeError, ValueError):  # skips text and image metrics
-          flat[f"{task}/{name}"] = float(getattr(value, "value", value))
+          values.append(float(getattr(value, "value", value)))
+          flat[f"{task}/{name}"] = values[-1]
+      if values:
+        task_means.append(float(np.mean(values)))
+    if self._is_mixture and task_means:
+      flat[f"{self._name}/average"] = float(np.mean(task_means))
     return flat
 
 
@@ -275,9 +342,8 @@ def _check_decode(decode: str) -> None:
 
 
 def _check_checkpoint(checkpoint_path) -> None:
-  if not checkpoint_path or not Path(checkpoint_path).is_dir():
-    raise UserError(f"checkpoint {checkpoint_path} does not exist (expected a directory from "
-                    "`switch-jax convert` or a training run)")
+  """Fails before any data is read if no model is there (the one resolver)."""
+  checkpoints.resolve(checkpoint_path)
 
 
 def restore_for_eval(checkpoint_path, model_config: Optional[ModelConfig] = None,
@@ -297,7 +363,8 @@ def evaluate(*, checkpoint_path: str, dataset: Optional[pipeline.DatasetConfig] 
              decode: str = "greedy", beam_size: int = 4, alpha: float = 0.6,
              max_examples: Optional[int] = None, output_dir: Optional[str] = None) -> dict:
   """`switch-jax eval`: teacher-forced metrics on `dataset`'s split, and the
-  task metrics on decoded outputs when its tasks define any.
+  task metrics on decoded outputs when its tasks define any. A mixture is
+  evaluated task by task, and reported per task and over all of them.
 
   Args:
     checkpoint_path: a model checkpoint (`switch-jax convert`), a training
@@ -306,22 +373,25 @@ def evaluate(*, checkpoint_path: str, dataset: Optional[pipeline.DatasetConfig] 
     model_config: None reads the checkpoint's.
     mesh_shape: (data, expert, model); one -1 takes the remaining devices.
     decode, beam_size, alpha: how task metrics decode ('greedy' or 'beam').
-    max_examples: read at most this many examples (rounded up to a whole
-      batch for the teacher-forced metrics); None reads the whole split.
+    max_examples: read at most this many examples per task (rounded up to a
+      whole batch for the teacher-forced metrics); None reads whole splits.
     output_dir: where to write `eval_results.json` (process 0).
 
   Returns:
-    {metric: value}: see `eval_metrics`, plus "task/metric" entries.
+    {"step": the training step evaluated (None for a converted model),
+     metric: value}: see `eval_dataset_metrics` and `InferenceEvaluator`.
   """
   if dataset is None:
     raise UserError("evaluate needs a dataset (e.g. --task NAME, or the gin binding "
                     "evaluate.dataset = @DatasetConfig())")
-  model, params, mesh = restore_for_eval(checkpoint_path, model_config, mesh_shape,
+  # Resolved once: a run still training may save a newer step meanwhile.
+  source = checkpoints.resolve(checkpoint_path)
+  model, params, mesh = restore_for_eval(str(source.path), model_config, mesh_shape,
                                          dataset.batch_size)
-  batches = pipeline.get_eval_batches(dataset, jax.process_index(), jax.process_count())
-  if max_examples:
-    batches = itertools.islice(batches, math.ceil(max_examples / dataset.batch_size))
-  results = eval_metrics(model, params, batches, mesh=mesh, batch_size=dataset.batch_size)
+  results = {"step": source.step}
+  results |= eval_dataset_metrics(
+      model, params, dataset, mesh=mesh,
+      max_batches=math.ceil(max_examples / dataset.batch_size) if max_examples else None)
   evaluator = InferenceEvaluator(
       model, dataset.mixture_or_task_name, mesh=mesh, batch_size=dataset.batch_size,
       split=dataset.split, task_feature_lengths=dataset.task_feature_lengths, decode=decode,
@@ -329,7 +399,8 @@ def evaluate(*, checkpoint_path: str, dataset: Optional[pipeline.DatasetConfig] 
       tfds_data_dir=dataset.tfds_data_dir)
   results.update(evaluator.evaluate(params))
   if output_dir and jax.process_index() == 0:
-    record = {"checkpoint": str(checkpoint_path), "task": dataset.mixture_or_task_name,
+    record = {"checkpoint": str(checkpoint_path), "evaluated": str(source.path),
+              "step": source.step, "task": dataset.mixture_or_task_name,
               "split": dataset.split, "decode": decode, "metrics": results}
     _write_atomically(Path(output_dir) / "eval_results.json",
                       json.dumps(record, indent=2, sort_keys=True) + "\n")

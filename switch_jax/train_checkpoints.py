@@ -9,7 +9,9 @@
 Orbax writes each step into a temporary directory and renames it when
 complete, so a step directory that exists is whole; the previous step is
 deleted only after the next one is finalized. Restores target the current
-mesh's shardings, so a run can resume on a different mesh shape.
+mesh's shardings, so a run can resume on a different mesh shape. Reading a
+run's model (its params and config) for eval, export or fine-tuning goes
+through `checkpoints.resolve`, like any other `--checkpoint`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from etils import epath
 
 from switch_jax import checkpoints
 from switch_jax.config import ModelConfig
-from switch_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 ITEMS = ("params", "opt_state", "meta")
@@ -42,7 +43,7 @@ class TrainCheckpointer:
   """Saves and restores a run's state under `model_dir/checkpoints`."""
 
   def __init__(self, model_dir, keep: Optional[int] = 3, async_save: bool = True):
-    self.directory = absolute(model_dir) / "checkpoints"
+    self.directory = checkpoints.absolute(model_dir) / checkpoints.RUN_STEPS_DIR
     self._options = (keep, async_save)
     self._manager = _manager(self.directory, keep, async_save)
 
@@ -101,58 +102,15 @@ class TrainCheckpointer:
     self._manager.close()
 
 
-def absolute(path) -> epath.Path:
-  """A local path made absolute; a bucket path (gs://...) as it is."""
-  path = epath.Path(path)
-  return path if "://" in str(path) else path.absolute()
-
-
-def _step_dir(path: epath.Path) -> Optional[epath.Path]:
-  """The step directory a user's path names: a step dir, or a model dir's /
-  checkpoints dir's newest step."""
-  if (path / "params").is_dir() and (path / "meta").is_dir():
-    return path
-  root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-  steps = sorted((int(p.name), p) for p in root.glob("[0-9]*") if p.name.isdigit())
-  for _, step_dir in reversed(steps):
-    if (step_dir / "params").is_dir():
-      return step_dir
-  return None
-
-
 def load_config(path) -> ModelConfig:
-  """The model config of a model checkpoint or a training checkpoint."""
-  path = absolute(path)
-  if (path / checkpoints.METADATA_FILE).is_file():
-    return checkpoints.load_config(path)
-  step_dir = _step_dir(path)
-  if step_dir is None:
-    raise UserError(f"{path} is neither a model checkpoint (config.json, params/) nor a "
-                    "training run or checkpoint (checkpoints/<step>/params)")
-  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta")
-  return ModelConfig.from_json(meta["model_config"])
+  """`checkpoints.load_config`: a model checkpoint's, a run's or a step's config."""
+  return checkpoints.load_config(path)
 
 
 def load_params(path, target) -> Any:
-  """Parameters from a model checkpoint (`switch-jax convert`) or from a
-  training run (its newest step, or the step directory given), restored onto
-  `target`: a tree of `jax.ShapeDtypeStruct`s with the shardings wanted."""
-  path = absolute(path)
-  if (path / checkpoints.METADATA_FILE).is_file():
-    checkpoints.load_metadata(path)
-    params_dir = path / checkpoints.PARAMS_DIR
-  else:
-    step_dir = _step_dir(path)
-    if step_dir is None:
-      raise UserError(f"{path} holds no parameters: expected a model checkpoint "
-                      "(config.json, params/) or a training run (checkpoints/<step>/params)")
-    params_dir = step_dir / "params"
-  with ocp.StandardCheckpointer() as checkpointer:
-    try:
-      return checkpointer.restore(params_dir, target)
-    except (ValueError, KeyError) as e:
-      raise UserError(f"{params_dir} does not match the model being built: "
-                      f"{str(e).splitlines()[0][:300]}") from None
+  """`checkpoints.load_params`: parameters of whatever `checkpoints.resolve`
+  finds at `path`, restored onto `target` (ShapeDtypeStructs with shardings)."""
+  return checkpoints.load_params(path, target)
 
 
 def abstract_like(tree, shardings):

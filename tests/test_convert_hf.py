@@ -8,6 +8,7 @@ Plus round trips, the `convert` / `score` CLI, and refusals of bad input.
 
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -421,3 +422,76 @@ def test_score_rejects_bad_jsonl(tmp_path, checkpoint, capsys, line, message):
                    str(tmp_path / "scores.jsonl")]) == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / "scores.jsonl").exists()
+
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus, tmp_path_factory):
+  """A tiny ReLU Switch model trained 2 steps: MODEL_DIR with checkpoints/2."""
+  import gin  # pylint: disable=import-outside-toplevel
+  from switch_jax import gin_config  # pylint: disable=import-outside-toplevel
+  root, vocab = corpus
+  run = tmp_path_factory.mktemp("trained") / "run"
+  gin_config.parse(["models/tiny_switch_relu.gin", "runs/pretrain.gin"], [
+      f'MODEL_DIR = "{run}"', 'MIXTURE_OR_TASK_NAME = "local_span_corruption"',
+      "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}", "TRAIN_STEPS = 2", "BATCH_SIZE = 8",
+      f'local_files.train = "{root / "train.txt"}"', f'local_vocabulary_path.path = "{vocab}"',
+      "ModelConfig.vocab_size = 256", "train.eval_dataset = None", "train.log_period = 1",
+      "CheckpointConfig.async_save = False", "make_optimizer.name = 'adam'"])
+  assert gin.get_configurable("train")()["step"] == 2
+  return run
+
+
+def test_a_training_run_is_a_model_for_score_and_export(trained_run, tmp_path, capsys):
+  """The run's MODEL_DIR and its step directory go wherever a converted
+  checkpoint goes: score, export to HF, and HF's logits equal ours."""
+  step_dir = trained_run / "checkpoints" / "2"
+  examples = _write_jsonl(tmp_path / "examples.jsonl", [
+      {"inputs": list(map(int, INPUTS[i][INPUTS[i] > 0])),
+       "targets": list(map(int, TARGETS[i][TARGETS[i] > 0]))} for i in range(3)])
+  scores = []
+  for path in (trained_run, step_dir):
+    capsys.readouterr()
+    assert cli.main(["score", "--checkpoint", str(path), "--examples", str(examples)]) == 0
+    scores.append([json.loads(line)["loss"] for line in capsys.readouterr().out.splitlines()])
+  assert scores[0] == scores[1] and len(scores[0]) == 3 and all(np.isfinite(scores[0]))
+  assert checkpoints.resolve(trained_run) == checkpoints.resolve(trained_run / "checkpoints") == (
+      checkpoints.resolve(step_dir)) == checkpoints.ModelSource(step_dir, 2)
+  config, params = checkpoints.load_model(trained_run)
+
+  # Export (HF capacity 64: nothing dropped) and load it in transformers.
+  assert cli.main(["convert", "--to", "hf", "--checkpoint", str(step_dir), "--out",
+                   str(tmp_path / "hf"), "--expert_capacity", "64"]) == 0
+  reloaded = SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+  hf_logits, _ = _hf_forward(reloaded, INPUTS, TARGETS)
+  logits, dropped = _our_forward(config.replace(expert_capacity=64), params)
+  MAX_DIFFS["trained run exported"] = float(np.abs(logits - hf_logits)[TARGETS > 0].max())
+  assert MAX_DIFFS["trained run exported"] < 1e-4 and dropped == 0.0
+
+
+def test_every_checkpoint_flag_has_one_resolver(trained_run, tmp_path, capsys):
+  """score, convert, eval and infer refuse a directory that holds no model
+  with the same message, naming what was looked for; an unfinished save is
+  skipped for the newest complete step, and a run without one says so."""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  examples = _write_jsonl(tmp_path / "examples.jsonl", [{"inputs": [3], "targets": [4]}])
+  for argv in (["score", "--examples", str(examples)],
+               ["convert", "--to", "hf", "--out", str(tmp_path / "hf")],
+               ["eval", "--task", "glue_rte_v002"],
+               ["infer", "--input_file", str(examples), "--vocab", "byte",
+                "--output", str(tmp_path / "out.jsonl")]):
+    capsys.readouterr()
+    assert cli.main([*argv, "--checkpoint", str(empty)]) == 2, argv
+    err = capsys.readouterr().err
+    assert (f"{empty} is not a model: looked for metadata.json (a model checkpoint from "
+            "`switch-jax convert`), params/ with meta/ (a training step) and "
+            "checkpoints/<step>/ (a training run's MODEL_DIR); found none") in err, (argv, err)
+  run = tmp_path / "run"
+  (run / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  with pytest.raises(UserError, match=f"training run {run} has no complete checkpoint"):
+    checkpoints.resolve(run)
+  shutil.copytree(trained_run / "checkpoints" / "2", run / "checkpoints" / "2")
+  assert checkpoints.resolve(run) == checkpoints.ModelSource(run / "checkpoints" / "2", 2)
+  with pytest.raises(UserError, match="does not exist"):
+    checkpoints.resolve(tmp_path / "nope")

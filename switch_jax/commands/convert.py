@@ -3,6 +3,9 @@
   switch-jax convert --from hf --hf_dir DIR --out CHECKPOINT
   switch-jax convert --to hf --checkpoint CHECKPOINT --out DIR [--expert_capacity N]
 
+The exported CHECKPOINT may be a converted one, a training run's MODEL_DIR
+(its newest complete step) or one step directory.
+
 Everything is read and checked before anything is written, and the output
 appears atomically, so a failed conversion leaves nothing behind.
 """
@@ -26,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="export: write a Hugging Face SwitchTransformers directory")
   parser.add_argument("--hf_dir", help="(--from hf) directory with config.json and "
                       "model.safetensors, sharded safetensors or pytorch_model.bin")
-  parser.add_argument("--checkpoint", help="(--to hf) our model checkpoint directory")
+  parser.add_argument("--checkpoint", help="(--to hf) " + checkpoints.CHECKPOINT_HELP)
   parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
   parser.add_argument("--expert_capacity", type=int, default=None,
                       help="(--to hf) HF's per-sequence expert capacity, for models trained "

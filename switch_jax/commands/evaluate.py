@@ -7,10 +7,11 @@ or, t5x style, from gin files (the `evaluate` configurable):
 
     switch-jax eval --gin_file=runs/eval.gin --gin.CHECKPOINT_PATH=\\"/runs/rte\\" ...
 
-Prints teacher-forced loss and token accuracy, and the task's own metrics
-on decoded outputs (if it has any); `--output_dir` also gets them as
-`eval_results.json`. Plain flags given with gin files override the gin
-bindings.
+Prints the checkpoint step evaluated, teacher-forced loss and token
+accuracy (named as in training's metrics.jsonl), and the task's own metrics
+on decoded outputs (if it has any); a mixture's tasks one by one, then
+over all of them. `--output_dir` also gets them as `eval_results.json`.
+Plain flags given with gin files override the gin bindings.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from switch_jax.errors import UserError
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
   """The plain flags naming a checkpoint, a task and how to decode (eval, infer)."""
-  parser.add_argument("--checkpoint", help="model checkpoint, training run dir or step dir")
+  from switch_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  parser.add_argument("--checkpoint", help=checkpoints.CHECKPOINT_HELP)
   parser.add_argument("--task", help="seqio task or mixture (`switch-jax tasks` lists them)")
   parser.add_argument("--split", default=None, help="split to read (default validation)")
   parser.add_argument("--feature_lengths", default=None,
@@ -130,6 +132,8 @@ def run(args) -> int:
       {"output_dir": args.output_dir} if args.output_dir else {}))
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
+    step = results.get("step")
+    print(f"{'step':<40} {'none (a converted model)' if step is None else step}")
     for name, value in sorted(results.items()):
       if isinstance(value, float):
         print(f"{name:<40} {value:.6g}")

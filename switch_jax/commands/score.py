@@ -2,6 +2,9 @@
 
   switch-jax score --checkpoint DIR --examples FILE.jsonl [--out FILE] [--batch_size N]
 
+DIR is a model checkpoint (`switch-jax convert`), a training run's
+MODEL_DIR (its newest complete step) or one step directory.
+
 Each input line is `{"inputs": [ids], "targets": [ids]}` (id 0 is padding,
 so it may not appear); each output line, in input order, is
 `{"loss": <summed target NLL>, "tokens": <number of targets>}`. The model
@@ -30,7 +33,8 @@ _LENGTH_MULTIPLE = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="model checkpoint directory")
+  from switch_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  parser.add_argument("--checkpoint", required=True, help=checkpoints.CHECKPOINT_HELP)
   parser.add_argument("--examples", required=True, help="JSONL file of {inputs, targets}")
   parser.add_argument("--out", help="output JSONL file (default: stdout)")
   parser.add_argument("--batch_size", type=int, default=16, help="examples per batch")

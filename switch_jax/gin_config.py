@@ -35,6 +35,7 @@ REQUIRED_HINTS = {
     "INITIAL_CHECKPOINT_PATH": '--gin.INITIAL_CHECKPOINT_PATH=\\"/path/to/checkpoint\\"',
     "CHECKPOINT_PATH": '--gin.CHECKPOINT_PATH=\\"/path/to/checkpoint\\"',
     "TEACHER_CHECKPOINT_PATH": '--gin.TEACHER_CHECKPOINT_PATH=\\"/path/to/teacher_run\\"',
+    "INFER_OUTPUT_FILE": '--gin.INFER_OUTPUT_FILE=\\"/path/to/predictions.jsonl\\"',
 }
 
 

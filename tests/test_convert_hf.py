@@ -3,7 +3,8 @@
 The HF model is the reference for the forward math: converted weights must
 give equal logits and loss, with and without dropped tokens (HF's capacity
 is per sequence), for ReLU and gated-GELU FFNs and tied and untied heads.
-Plus round trips, the `convert` / `score` CLI, and refusals of bad input.
+Plus round trips, the `convert` / `score` CLI, refusals of bad input, and
+a training run used as a model: scored, exported, evaluated and decoded.
 """
 
 import json
@@ -495,3 +496,26 @@ def test_every_checkpoint_flag_has_one_resolver(trained_run, tmp_path, capsys):
   assert checkpoints.resolve(run) == checkpoints.ModelSource(run / "checkpoints" / "2", 2)
   with pytest.raises(UserError, match="does not exist"):
     checkpoints.resolve(tmp_path / "nope")
+
+
+def test_eval_and_infer_gin_files_read_a_training_run(trained_run, corpus, tmp_path, capsys):
+  """The commands README cites: `eval --gin_file=runs/eval.gin` and `infer
+  --gin_file=runs/infer.gin`, given the run's MODEL_DIR."""
+  root, vocab = corpus
+  common = [f'--gin.CHECKPOINT_PATH="{trained_run}"',
+            '--gin.MIXTURE_OR_TASK_NAME="local_span_corruption"',
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.BATCH_SIZE=8",
+            f'--gin.local_files.validation="{root / "validation.txt"}"',
+            f'--gin.local_vocabulary_path.path="{vocab}"']
+  capsys.readouterr()
+  assert cli.main(["eval", "--gin_file=runs/eval.gin", *common, "--gin.evaluate.max_examples=8",
+                   f'--gin.EVAL_OUTPUT_DIR="{tmp_path / "eval"}"']) == 0
+  results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+  assert results["step"] == 2 and results["split"] == "validation"
+  assert 0 < results["metrics"]["num_tokens"] <= 8 * 8 and np.isfinite(results["metrics"]["loss"])
+  output = tmp_path / "predictions.jsonl"
+  assert cli.main(["infer", "--gin_file=runs/infer.gin", *common, "--max_examples=3",
+                   f'--gin.INFER_OUTPUT_FILE="{output}"']) == 0
+  lines = [json.loads(line) for line in output.read_text().splitlines()]
+  # Span corruption keeps no target text, so the lines have no "target".
+  assert len(lines) == 3 and all(set(r) == {"input", "prediction", "tokens"} for r in lines)

@@ -17,7 +17,7 @@ RUN_FILES = sorted(p.name for p in (GIN / "runs").glob("*.gin"))
 REQUIRED = ['MODEL_DIR = "/tmp/x"', 'MIXTURE_OR_TASK_NAME = "embedded_span_corruption"',
             "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 16}", "TRAIN_STEPS = 10",
             'INITIAL_CHECKPOINT_PATH = "/tmp/ckpt"', 'CHECKPOINT_PATH = "/tmp/ckpt"',
-            'TEACHER_CHECKPOINT_PATH = "/tmp/teacher"']
+            'TEACHER_CHECKPOINT_PATH = "/tmp/teacher"', 'INFER_OUTPUT_FILE = "/tmp/p.jsonl"']
 
 
 def _model_config():
@@ -50,6 +50,29 @@ def test_run_files_parse_and_finalize(run_file):
 def test_precision_and_mesh_files_parse(path):
   gin_config.parse(["models/tiny_dense.gin", "runs/pretrain.gin", path], REQUIRED[:4])
   gin.finalize()
+
+
+@pytest.mark.parametrize("run_file,required", [
+    ("eval.gin", ["CHECKPOINT_PATH", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS"]),
+    ("infer.gin", ["CHECKPOINT_PATH", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS",
+                   "INFER_OUTPUT_FILE"])])
+def test_eval_and_infer_files_name_their_required_flags(run_file, required):
+  # README and `switch-jax eval`'s docstring cite these files.
+  with pytest.raises(UserError) as raised:
+    gin_config.parse([f"runs/{run_file}"], [])
+  message = str(raised.value)
+  assert message.startswith(f"gin: {', '.join(sorted(required))} must be set (marked %gin.REQUIRED)")
+  for name in required:
+    assert gin_config.REQUIRED_HINTS[name] in message
+  gin_config.parse([f"runs/{run_file}", "mesh/cpu8.gin"], REQUIRED)
+  function, scope = {"eval.gin": ("evaluate", "eval"), "infer.gin": ("infer", "infer")}[run_file]
+  assert gin_config.query(f"{function}.checkpoint_path") == "/tmp/ckpt"
+  assert gin_config.query(f"{function}.mesh_shape") == (2, 4, 1)
+  assert gin_config.query(f"{scope}/DatasetConfig.mixture_or_task_name") == (
+      "embedded_span_corruption")
+  assert gin_config.query(f"{scope}/DatasetConfig.split") == "validation"
+  if function == "infer":
+    assert gin_config.query("infer.output_file") == "/tmp/p.jsonl"
 
 
 def test_finetune_resets_to_the_paper_settings():

@@ -11,3 +11,8 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
   """A model, mesh or run configuration that cannot work."""
+
+
+class SplitNotBoundError(UserError):
+  """A split whose data the user never named (say `local_files.validation`):
+  training runs on without evaluation, anything else fails."""

@@ -25,7 +25,7 @@ from switch_jax import losses, partitioning, run_logging, train_checkpoints, tra
 from switch_jax import train_step as ts
 from switch_jax.config import ModelConfig
 from switch_jax.data import pipeline
-from switch_jax.errors import ConfigError, UserError
+from switch_jax.errors import ConfigError, SplitNotBoundError, UserError
 from switch_jax.model import EncoderDecoder
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,9 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
     optimizer: `optimizer(learning_rate=..., boxed_params=...)` -> an optax
       GradientTransformation (gin: `@make_optimizer`).
     learning_rate: schedule, step -> rate (gin: `@rsqrt_schedule()`).
-    eval_dataset: validation data for loss/accuracy every `eval_period`.
+    eval_dataset: validation data for loss/accuracy every `eval_period`; a
+      split that names no data (no `local_files.validation`) is dropped,
+      said once in the log.
     eval_steps: validation batches per evaluation.
     inference_evaluator: `inference_evaluator(model=, mesh=)` -> an object
       with `evaluate(params, step) -> dict` (decoding + the task's metrics).
@@ -233,9 +235,13 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
   # Data and state plans are checked before anything is compiled.
   mesh_shape = partitioning.resolve_mesh_shape(mesh_shape, jax.device_count())
   partitioning.check_fits(model_config, mesh_shape, train_dataset.batch_size)
-  for dataset in (train_dataset, eval_dataset):
-    if dataset is not None:
-      pipeline.check_dataset(dataset, model_config.vocab_size, jax.process_count())
+  pipeline.check_dataset(train_dataset, model_config.vocab_size, jax.process_count())
+  if eval_dataset is not None:
+    try:
+      pipeline.check_dataset(eval_dataset, model_config.vocab_size, jax.process_count())
+    except SplitNotBoundError as e:  # e.g. no local_files.validation: optional for training
+      print(f"No evaluation during training: {e}", flush=True)
+      eval_dataset = None
   if total_steps <= 0:
     raise ConfigError(f"total_steps must be positive, got {total_steps}")
   model_dir = epath.Path(model_dir)  # local or a bucket (gs://...)

@@ -426,9 +426,15 @@ def test_score_rejects_bad_jsonl(tmp_path, checkpoint, capsys, line, message):
 
 
 
+_TRAINED = {}  # what training the `trained_run` printed and returned
+
+
 @pytest.fixture(scope="module")
 def trained_run(corpus, tmp_path_factory):
-  """A tiny ReLU Switch model trained 2 steps: MODEL_DIR with checkpoints/2."""
+  """A tiny ReLU Switch model trained 2 steps: MODEL_DIR with checkpoints/2.
+  No validation files are bound (they are optional for training)."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
   import gin  # pylint: disable=import-outside-toplevel
   from switch_jax import gin_config  # pylint: disable=import-outside-toplevel
   root, vocab = corpus
@@ -437,10 +443,20 @@ def trained_run(corpus, tmp_path_factory):
       f'MODEL_DIR = "{run}"', 'MIXTURE_OR_TASK_NAME = "local_span_corruption"',
       "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}", "TRAIN_STEPS = 2", "BATCH_SIZE = 8",
       f'local_files.train = "{root / "train.txt"}"', f'local_vocabulary_path.path = "{vocab}"',
-      "ModelConfig.vocab_size = 256", "train.eval_dataset = None", "train.log_period = 1",
+      "ModelConfig.vocab_size = 256", "train.eval_period = 1", "train.log_period = 1",
       "CheckpointConfig.async_save = False", "make_optimizer.name = 'adam'"])
-  assert gin.get_configurable("train")()["step"] == 2
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    _TRAINED["summary"] = gin.get_configurable("train")()
+  _TRAINED["printed"] = printed.getvalue()
   return run
+
+
+def test_training_without_validation_files_runs_no_eval_and_says_so_once(trained_run):
+  assert _TRAINED["summary"]["step"] == 2 and "eval" not in _TRAINED["summary"]
+  said = [line for line in _TRAINED["printed"].splitlines() if "local_files.validation" in line]
+  assert len(said) == 1 and said[0].startswith("No evaluation during training:"), said
+  assert (trained_run / "checkpoints" / "2").is_dir()
 
 
 def test_a_training_run_is_a_model_for_score_and_export(trained_run, tmp_path, capsys):

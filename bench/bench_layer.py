@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import bench_timer
 from switch_jax import dispatch, routing
 from switch_jax.config import get_config
-from switch_jax.switch_layer import SwitchLayer, num_groups
+from switch_jax.switch_layer import SwitchLayer, group_layout
 
 D_MODEL, D_FF, SEQUENCE = 512, 2048, 512
 GROUP_SIZE = 8192  # ModelConfig's default: 4096 tokens are one group, 16384 two
@@ -122,7 +122,7 @@ def expert_weight_bytes(num_experts: int) -> int:
 
 def run_case(case: Case, dense: bench_timer.Compiled, rounds: int, budget_s: float) -> dict:
   """One case against the dense MLP; router 'experts_only' times `experts_only_step`."""
-  groups = num_groups(case.tokens, GROUP_SIZE)
+  groups, group_tokens = group_layout(case.tokens, GROUP_SIZE)
   capacity = None
   if case.router == "experts_only":
     resolved = case.path
@@ -132,9 +132,7 @@ def run_case(case: Case, dense: bench_timer.Compiled, rounds: int, budget_s: flo
                                     case.capacity_factor or 1.0, case.dtype)
     fn, args = switch_step(config, case.router, case.tokens)
   if case.capacity_factor is not None:
-    capacity = routing.expert_capacity(case.tokens // groups, case.num_experts,
-                                       case.capacity_factor,
-                                       num_selected=2 if case.router == "top2" else 1)
+    capacity = routing.expert_capacity(group_tokens, case.num_experts, case.capacity_factor)
   compiled = bench_timer.Compiled.of(fn, *args)
   best = bench_timer.interleaved({"switch": compiled.run, "dense": dense.run}, rounds, budget_s)
   memory = compiled.memory

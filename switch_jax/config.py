@@ -53,8 +53,14 @@ class ModelConfig:
   sparse_offset: int = 1
   router: str = "top1"
   decoder_router: Optional[str] = None  # None: same as `router`
+  # Slots per expert per group: round(cf * S / E), the same for top-1 and
+  # top-2 (routing.expert_capacity), so top-2 holds every choice at cf 2.0.
   train_capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
+  eval_capacity_factor: float = 2.0  # token-choice routers (top1, top2)
+  # Expert choice at eval: None keeps the train factor, since each expert
+  # fills all its C slots and a larger C gives every token more experts (at
+  # cf 2.0 about two where training gave one): another function, not fewer drops.
+  expert_choice_eval_capacity_factor: Optional[float] = None
   expert_capacity: Optional[int] = None  # per group; overrides the factors
   min_expert_capacity: int = 4
   group_size: Optional[int] = 8192  # tokens per routing group; None = one sequence
@@ -99,6 +105,9 @@ class ModelConfig:
          "router='top2' needs num_experts >= 2")
     need(self.train_capacity_factor > 0 and self.eval_capacity_factor > 0,
          "capacity factors must be positive")
+    need(self.expert_choice_eval_capacity_factor is None
+         or self.expert_choice_eval_capacity_factor > 0,
+         "expert_choice_eval_capacity_factor must be positive or None (None: the train factor)")
     need(self.expert_capacity is None or self.expert_capacity > 0,
          "expert_capacity must be positive or None")
     need(self.group_size is None or self.group_size > 0, "group_size must be positive or None")

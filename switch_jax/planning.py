@@ -24,7 +24,7 @@ import jax
 from switch_jax import param_count, partitioning, routing
 from switch_jax.config import ModelConfig
 from switch_jax.errors import ConfigError
-from switch_jax.switch_layer import num_groups
+from switch_jax.switch_layer import group_layout
 
 PARAM_BYTES = 4  # parameters, gradients and optimizer statistics are float32
 INT_BYTES = 4  # token ids, step and optimizer counters
@@ -160,12 +160,11 @@ def switch_layers(config: ModelConfig, micro_batch: int, input_length: int,
     router = config.stack_router(stack == "decoder")
     for i in config.sparse_layers(count):
       tokens = micro_batch * length
-      groups = num_groups(tokens, config.group_size or length, batch_shards)
+      groups, group_tokens = group_layout(tokens, config.group_size or length, batch_shards)
       capacity = routing.expert_capacity(
-          tokens // groups, config.num_experts, config.train_capacity_factor,
-          config.min_expert_capacity, config.expert_capacity,
-          num_selected=2 if router == "top2" else 1)
-      layers.append(Routing(f"{stack}/layers_{i}", router, groups, tokens // groups, capacity,
+          group_tokens, config.num_experts, config.train_capacity_factor,
+          config.min_expert_capacity, config.expert_capacity)
+      layers.append(Routing(f"{stack}/layers_{i}", router, groups, group_tokens, capacity,
                             config.num_experts))
   return layers
 

@@ -86,6 +86,8 @@ def switch_layer(x: Array, valid: Array, logits: Array, weights: dict, *, activa
   probs = jax.nn.softmax(logits, axis=-1)
   num_experts = probs.shape[-1]
   w = valid.astype(jnp.float32)
+  # Only groups with a real token count in the aux loss's mean.
+  groups = jnp.sum(w.max(axis=1))
   if router == "expert_choice":
     combine = []  # per expert, <float32>[G, S] weight of its output for each token
     for e in range(num_experts):
@@ -98,7 +100,7 @@ def switch_layer(x: Array, valid: Array, logits: Array, weights: dict, *, activa
     chosen = jnp.stack([c > 0 for c in combine], axis=-1)  # [G, S, E]
     stats = RouterStats(
         aux_loss_sum=jnp.zeros((), jnp.float32), z_loss_sum=jnp.zeros((), jnp.float32),
-        groups=jnp.asarray(valid.shape[0], jnp.float32), tokens=w.sum(), assigned=w.sum(),
+        groups=groups, tokens=w.sum(), assigned=w.sum(),
         kept=jnp.sum(chosen.any(-1) * w),
         expert_counts=chosen.sum(axis=(0, 1)).astype(jnp.float32),
         confidence_sum=sum(c.sum() for c in combine))
@@ -124,7 +126,7 @@ def switch_layer(x: Array, valid: Array, logits: Array, weights: dict, *, activa
   stats = RouterStats(
       aux_loss_sum=jnp.sum(num_experts * jnp.sum(f * p, axis=-1)),
       z_loss_sum=jnp.zeros((), jnp.float32),
-      groups=jnp.asarray(valid.shape[0], jnp.float32), tokens=w.sum(), assigned=w.sum() * k,
+      groups=groups, tokens=w.sum(), assigned=w.sum() * k,
       kept=sum(jnp.sum(kp * w) for kp in kept),
       expert_counts=sum(jnp.sum(jax.nn.one_hot(i, num_experts) * w[..., None], axis=(0, 1))
                         for i in indices),

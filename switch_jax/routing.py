@@ -65,9 +65,12 @@ class RouterStats:
 
   Attributes:
     aux_loss_sum: sum over groups of each group's load-balancing loss
-      `E * sum_i f_i P_i` (unscaled by alpha; f_i counted before dropping).
+      `E * sum_i f_i P_i` (unscaled by alpha; f_i counted before dropping;
+      0 for a group with no real token).
     z_loss_sum: sum over real tokens of `logsumexp(logits)^2`.
-    groups: number of groups.
+    groups: number of groups with at least one real token, which the aux
+      loss averages over: an all-padding group (an eval batch's padding
+      rows) has no balance to measure and would pull the mean toward 0.
     tokens: number of real tokens.
     assigned: real (token, choice) assignments; for expert choice, the real
       tokens (each should reach some expert).
@@ -96,7 +99,7 @@ class RouterStats:
     return summed.replace(max_abs_logit=largest)
 
   def metrics(self) -> dict[str, jax.Array]:
-    """What every Switch layer reports: aux_loss (mean over groups), z_loss
+    """What every Switch layer reports: aux_loss (mean over real groups), z_loss
     (mean over tokens), fraction_dropped, expert_fraction [E] and
     router_confidence."""
     picks = jnp.maximum(jnp.sum(self.expert_counts), 1.0)
@@ -111,16 +114,19 @@ class RouterStats:
 
 
 def expert_capacity(tokens_per_group: int, num_experts: int, capacity_factor: float,
-                    min_capacity: int = 4, explicit: Optional[int] = None,
-                    num_selected: int = 1) -> int:
-  """Slots per expert per group: `max(round(cf * K * S / E), min)`, at most S.
+                    min_capacity: int = 4, explicit: Optional[int] = None) -> int:
+  """Slots per expert per group: `max(round(cf * S / E), min)`, at most S.
 
-  `round` follows flaxformer (Mesh-TF truncates). More than S slots can never
-  fill, since each token takes at most one slot of any expert.
+  The same for top-1 and top-2, as in Mesh-TF's `_top_2_gating` and
+  flaxformer: the factor counts slots against tokens, not against
+  (token, choice) assignments, so top-2 needs cf 2.0 to hold every choice
+  at perfect balance (the paper's "MoE top-2, cf 2.0"). `round` follows
+  flaxformer (Mesh-TF truncates). More than S slots can never fill, since
+  each token takes at most one slot of any expert.
   """
   if explicit is not None:
     return int(min(explicit, tokens_per_group))
-  capacity = int(round(capacity_factor * num_selected * tokens_per_group / num_experts))
+  capacity = int(round(capacity_factor * tokens_per_group / num_experts))
   return int(min(max(capacity, min_capacity), tokens_per_group))
 
 
@@ -141,8 +147,10 @@ def router_logits(x: jax.Array, kernel: jax.Array, *, dtype=jnp.float32,
 
 def load_balancing_loss(router_probs: jax.Array, expert_index: jax.Array,
                         valid: Optional[jax.Array] = None) -> jax.Array:
-  """`E * sum_i f_i P_i`, averaged over groups (1.0 at perfect balance)."""
-  return jnp.mean(_group_balance(router_probs, expert_index, valid))
+  """`E * sum_i f_i P_i`, averaged over groups with a real token (1.0 at
+  perfect balance)."""
+  groups = router_probs.shape[0] if valid is None else real_groups(valid)
+  return jnp.sum(_group_balance(router_probs, expert_index, valid)) / jnp.maximum(groups, 1.0)
 
 
 def _group_balance(router_probs, expert_index, valid=None) -> jax.Array:
@@ -170,6 +178,11 @@ def router_z_loss(logits: jax.Array, valid: Optional[jax.Array] = None) -> jax.A
   if valid is None:
     valid = jnp.ones(logits.shape[:-1], bool)
   return _z_loss_sum(logits, valid) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def real_groups(valid: jax.Array) -> jax.Array:
+  """<float32>[] groups of <bool>[G, S] `valid` with at least one real token."""
+  return jnp.sum(jnp.any(valid, axis=-1)).astype(jnp.float32)
 
 
 def _z_loss_sum(logits: jax.Array, valid: jax.Array) -> jax.Array:
@@ -282,7 +295,7 @@ def _token_choice_stats(router_probs, expert_index, gate, kept, valid) -> Router
   return RouterStats(
       aux_loss_sum=jnp.sum(_group_balance(router_probs, expert_index, valid)),
       z_loss_sum=jnp.zeros((), jnp.float32),
-      groups=jnp.asarray(valid.shape[0], jnp.float32),
+      groups=real_groups(valid),
       tokens=jnp.sum(valid).astype(jnp.float32),
       assigned=jnp.sum(w),
       kept=jnp.sum(kept * w),
@@ -314,7 +327,7 @@ def expert_choice_routing(router_probs: jax.Array, valid: jax.Array, *, capacity
   stats = RouterStats(
       aux_loss_sum=jnp.zeros((), jnp.float32),
       z_loss_sum=jnp.zeros((), jnp.float32),
-      groups=jnp.asarray(num_groups, jnp.float32),
+      groups=real_groups(valid),
       tokens=jnp.sum(w),
       assigned=jnp.sum(w),
       kept=jnp.sum(covered * w),

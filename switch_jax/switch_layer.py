@@ -29,15 +29,44 @@ MOE_COLLECTION = "moe"
 BATCH_AXES = ("expert", "data")  # the batch is split over both (t5x MoE)
 
 
-def num_groups(num_tokens: int, group_size: int, multiple_of: int = 1) -> int:
-  """The fewest groups of at most `group_size` tokens that split the tokens
-  evenly, rounded so that `multiple_of` batch shards each hold whole groups."""
+def group_layout(num_tokens: int, group_size: int, multiple_of: int = 1) -> tuple[int, int]:
+  """(G, S): G groups of S <= `group_size` tokens, G / `multiple_of` on each
+  batch shard, with G * S - num_tokens padding tokens (fewer than G).
+
+  Each shard takes the fewest groups that split its tokens evenly, unless
+  that is more than twice the fewest groups of at most `group_size` (a
+  token count with no divisor near it: 1031 tokens would be 1031 groups of
+  one token, dropless in effect, with a per-token aux loss). Then the
+  shard's tokens are padded at its end to that fewest number of equal
+  groups, as flaxformer pads; the padding is invalid and sliced off after.
+  """
   if num_tokens % multiple_of:
     raise ConfigError(f"{num_tokens} tokens cannot be split over {multiple_of} batch shards")
-  groups = max(multiple_of, math.ceil(num_tokens / group_size))
-  while num_tokens % groups or groups % multiple_of:
-    groups += 1
-  return groups
+  local = num_tokens // multiple_of
+  fewest = max(1, math.ceil(local / group_size))
+  groups = next((g for g in range(fewest, 2 * fewest + 1) if local % g == 0), fewest)
+  return groups * multiple_of, math.ceil(local / groups)
+
+
+def to_groups(x: Array, valid: Array, layout: tuple[int, int], shards: int
+              ) -> tuple[Array, Array]:
+  """<dtype>[B, L, d], <bool>[B, L] -> [G, S, d], [G, S] for `group_layout`'s
+  (G, S). Padding goes at the end of each batch shard's tokens, so a shard's
+  groups hold its own tokens and nothing crosses devices."""
+  groups, group_tokens = layout
+  d = x.shape[-1]
+  xs, vs = x.reshape(shards, -1, d), valid.reshape(shards, -1)
+  pad = groups // shards * group_tokens - xs.shape[1]
+  if pad:
+    xs = jnp.pad(xs, ((0, 0), (0, pad), (0, 0)))
+    vs = jnp.pad(vs, ((0, 0), (0, pad)))  # False: padding is never routed
+  return xs.reshape(groups, group_tokens, d), vs.reshape(groups, group_tokens)
+
+
+def from_groups(y: Array, batch: int, length: int, shards: int) -> Array:
+  """`to_groups`' inverse: <dtype>[G, S, d] -> [B, L, d], padding dropped."""
+  d = y.shape[-1]
+  return y.reshape(shards, -1, d)[:, :batch * length // shards].reshape(batch, length, d)
 
 
 def mesh_layout(num_experts: int) -> tuple[tuple[str, ...], Optional[dispatch.ExpertShards]]:
@@ -156,11 +185,17 @@ class SwitchLayer(nn.Module):
     return cfg.dispatch
 
   def capacity(self, tokens_per_group: int, deterministic: bool) -> int:
+    """C slots per expert per group: the train factor, or at eval the eval
+    factor (token choice) or `expert_choice_eval_capacity_factor` (expert
+    choice; None keeps the train factor, the function it was trained as)."""
     cfg = self.config
-    factor = cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor
-    return routing.expert_capacity(
-        tokens_per_group, cfg.num_experts, factor, cfg.min_expert_capacity,
-        cfg.expert_capacity, num_selected=2 if self.router_type == "top2" else 1)
+    factor = cfg.train_capacity_factor
+    if deterministic and self.router_type == "expert_choice":
+      factor = cfg.expert_choice_eval_capacity_factor or factor
+    elif deterministic:
+      factor = cfg.eval_capacity_factor
+    return routing.expert_capacity(tokens_per_group, cfg.num_experts, factor,
+                                   cfg.min_expert_capacity, cfg.expert_capacity)
 
   def __call__(self, x: Array, valid: Optional[Array] = None, *,
                deterministic: bool = True, generating: bool = False) -> Array:
@@ -191,8 +226,8 @@ class SwitchLayer(nn.Module):
     if uncapped and path not in (*dispatch.DROPLESS_KERNELS, "reference"):
       path = auto_dispatch("dropless", jax.default_backend())
     group_size = length if generating else (cfg.group_size or length)
-    groups = num_groups(batch * length, group_size, num_batch_shards)
-    xg, vg = x.reshape(groups, -1, d), valid.reshape(groups, -1)
+    layout = group_layout(batch * length, group_size, num_batch_shards)
+    xg, vg = to_groups(x, valid, layout, num_batch_shards)
 
     training = not deterministic
     jitter_key = self.make_rng("dropout") if training and cfg.jitter_noise > 0 else None
@@ -219,4 +254,4 @@ class SwitchLayer(nn.Module):
           out_specs=(tokens_spec, P()))(xg, vg, self.router.kernel, weights)
     for name, value in stats.metrics().items():
       self.sow(MOE_COLLECTION, name, value)
-    return y.reshape(batch, length, d)
+    return from_groups(y, batch, length, num_batch_shards)

@@ -142,6 +142,7 @@ _TRAINING_ONLY_FIELDS = {
     "expert_capacity", "min_expert_capacity", "group_size", "jitter_noise", "dtype",
     "router_dtype", "aux_loss_factor", "router_z_loss_factor", "dispatch",
     "batch_prioritized_routing", "ignore_padding_tokens", "router", "decoder_router",
+    "expert_choice_eval_capacity_factor",
 }
 
 

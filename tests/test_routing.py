@@ -62,16 +62,17 @@ def test_padding_is_ignored_by_aux_and_z_loss():
                              routing.router_z_loss(logits[:, :4]), rtol=1e-6)
 
 
-@pytest.mark.parametrize("tokens,experts,factor,minimum,explicit,k,expected", [
-    (8192, 128, 1.25, 4, None, 1, 80),   # round(1.25 * 64)
-    (4096, 128, 1.0, 4, None, 1, 32),
-    (32, 128, 1.0, 4, None, 1, 4),       # the minimum
-    (6, 2, 2.0, 4, None, 1, 6),          # never more than the tokens
-    (100, 4, 1.25, 4, None, 2, 62),      # top-2: round(1.25 * 2 * 25) = round(62.5) = 62
-    (100, 4, 1.25, 4, 7, 1, 7),          # explicit capacity
+@pytest.mark.parametrize("tokens,experts,factor,minimum,explicit,expected", [
+    (8192, 128, 1.25, 4, None, 80),   # round(1.25 * 64)
+    (4096, 128, 1.0, 4, None, 32),
+    (32, 128, 1.0, 4, None, 4),       # the minimum
+    (6, 2, 2.0, 4, None, 6),          # never more than the tokens
+    (8, 4, 1.0, 1, None, 2),          # top-2 too: slots per token, not per choice
+    (100, 4, 2.5, 4, None, 62),       # round(62.5) = 62 (round half to even)
+    (100, 4, 1.25, 4, 7, 7),          # explicit capacity
 ])
-def test_expert_capacity(tokens, experts, factor, minimum, explicit, k, expected):
-  assert routing.expert_capacity(tokens, experts, factor, minimum, explicit, k) == expected
+def test_expert_capacity(tokens, experts, factor, minimum, explicit, expected):
+  assert routing.expert_capacity(tokens, experts, factor, minimum, explicit) == expected
 
 
 def _probs_for(choices, num_experts, gates=None):
@@ -83,6 +84,22 @@ def _probs_for(choices, num_experts, gates=None):
   probs[...] = rest[..., None]
   np.put_along_axis(probs, choices[..., None], gates[..., None], axis=-1)
   return jnp.asarray(probs[None])
+
+
+def test_all_padding_group_is_left_out_of_the_aux_mean():
+  # Group 1 has no real token: the mean is group 0's loss, not half of it.
+  probs = jnp.concatenate([jnp.asarray(GOLDEN_PROBS[None])] * 2)
+  index = jnp.concatenate([jnp.asarray(GOLDEN_INDICES[None])] * 2)
+  valid = jnp.array([[True] * 5, [False] * 5])
+  np.testing.assert_allclose(routing.load_balancing_loss(probs, index, valid), 0.8741045,
+                             rtol=1e-6)
+  _, stats = routing.token_choice_routing(probs, valid, num_selected=1, capacity=5)
+  _, alone = routing.token_choice_routing(probs[:1], valid[:1], num_selected=1, capacity=5)
+  np.testing.assert_allclose(stats.groups, 1.0)
+  np.testing.assert_allclose(stats.metrics()["aux_loss"], alone.metrics()["aux_loss"], rtol=1e-6)
+  assert float(alone.metrics()["aux_loss"]) > 0.8
+  _, stats = routing.expert_choice_routing(probs, valid, capacity=2)
+  np.testing.assert_allclose(stats.groups, 1.0)
 
 
 def test_hand_computed_drop_pattern():

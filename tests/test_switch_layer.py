@@ -11,8 +11,8 @@ import pytest
 
 from switch_jax.config import get_config
 from switch_jax.errors import ConfigError
-from switch_jax import dispatch
-from switch_jax.switch_layer import SwitchLayer, auto_dispatch, num_groups
+from switch_jax import dispatch, partitioning, switch_layer
+from switch_jax.switch_layer import SwitchLayer, auto_dispatch
 
 B, L, D = 2, 16, 32
 
@@ -133,13 +133,80 @@ def test_groups_route_independently():
   np.testing.assert_allclose(y[:1], y0, atol=1e-6)
 
 
-def test_num_groups():
-  assert num_groups(4096, 8192) == 1
-  assert num_groups(16384, 4096) == 4
-  assert num_groups(4096, 1000) == 8  # 5 groups do not divide 4096 tokens
-  assert num_groups(64, 8192, multiple_of=8) == 8  # one group per batch shard at least
+def test_group_layout():
+  layout = switch_layer.group_layout
+  assert layout(4096, 8192) == (1, 4096)
+  assert layout(16384, 4096) == (4, 4096)
+  assert layout(4096, 1000) == (8, 512)  # 5 groups do not divide 4096 tokens; 8 do
+  assert layout(64, 8192, multiple_of=8) == (8, 8)  # one group per batch shard at least
+  # A prime count has no even split near 2 groups: pad 1 token, not 1031 groups of 1.
+  assert layout(1031, 1024) == (2, 516)
+  assert layout(8 * 13, 4, multiple_of=8) == (32, 4)  # each shard pads 13 tokens to 16
   with pytest.raises(ConfigError, match="batch shards"):
-    num_groups(60, 8, multiple_of=8)
+    layout(60, 8, multiple_of=8)
+
+
+def test_prime_token_count_pads_to_whole_groups():
+  # 1031 tokens with groups of at most 1024 route as 2 groups of 516 (the
+  # last token padding), so capacity binds: exactly what the same layer
+  # gives on the input padded by hand with an invalid token.
+  cfg = _config("top1", group_size=1024)
+  layer, fast, _ = _runner(cfg, "top1")
+  _, ref, _ = _runner(cfg.replace(dispatch="reference"), "top1")
+  x = jax.random.normal(jax.random.PRNGKey(7), (1, 1031, D))
+  valid = jnp.ones((1, 1031), bool)
+  params = layer.init(jax.random.PRNGKey(0), x[:, :8], valid[:, :8])["params"]
+  y, stats = fast(params, x, valid)
+  y_ref, stats_ref = ref(params, x, valid)
+  y_pad, stats_pad = fast(params, jnp.pad(x, ((0, 0), (0, 1), (0, 0))),
+                          jnp.pad(valid, ((0, 0), (0, 1))))
+  assert y.shape == (1, 1031, D)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(y, y_pad[:, :1031], atol=1e-6)
+  for name in stats_ref:
+    np.testing.assert_allclose(stats[name], stats_ref[name], atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(stats[name], stats_pad[name], atol=1e-6, err_msg=name)
+  # Capacity round(1.0 * 516 / 4) = 129 binds on a random router; 1031
+  # one-token groups (capacity 1 each) would drop nothing.
+  assert float(stats["fraction_dropped"]) > 0.05
+
+
+def test_padded_groups_under_a_mesh_equal_one_device():
+  # 8 sequences of 13 tokens over 8 batch shards (data 2 x expert 4), groups
+  # of at most 4: each shard pads its own 13 tokens to 4 groups of 4. One
+  # device routing the rows padded by hand to 16 sees the same groups.
+  # Row 6 is all padding: its shard's groups must not count in the aux loss.
+  cfg = _config("top1", group_size=4, num_experts=8)
+  layer, fast, _ = _runner(cfg, "top1")
+  x = jax.random.normal(jax.random.PRNGKey(3), (8, 13, D))
+  valid = jnp.ones((8, 13), bool).at[6].set(False).at[2, 9:].set(False)
+  params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
+  y_one, stats_one = fast(params, jnp.pad(x, ((0, 0), (0, 3), (0, 0))),
+                          jnp.pad(valid, ((0, 0), (0, 3))))
+  mesh = partitioning.make_mesh((2, 4, 1))
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put((x, valid), partitioning.batch_sharding(mesh))
+    y_mesh, stats_mesh = fast(jax.device_put(params, partitioning.replicated(mesh)), *sharded)
+  np.testing.assert_allclose(y_mesh, y_one[:, :13], atol=1e-5, rtol=1e-5)
+  for name in ("aux_loss", "fraction_dropped", "expert_fraction", "z_loss"):
+    np.testing.assert_allclose(stats_mesh[name], stats_one[name], rtol=1e-5, err_msg=name)
+  assert float(stats_mesh["fraction_dropped"]) > 0.05  # capacity 1 of 4 tokens binds
+
+
+@pytest.mark.parametrize("router,kw", [("top1", dict()), ("top1", dict(dispatch="reference")),
+                                       ("dropless", dict())])
+def test_all_padding_groups_do_not_count_in_the_aux_loss(router, kw):
+  # One group per sequence; the third sequence is all padding (an eval
+  # batch's filler row). The aux loss is the mean over the two real groups.
+  cfg = _config(router, group_size=None, **kw)
+  layer, fast, _ = _runner(cfg, router)
+  x = jax.random.normal(jax.random.PRNGKey(2), (3, L, D))
+  valid = jnp.ones((3, L), bool).at[1, 10:].set(False).at[2].set(False)
+  params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
+  _, stats = fast(params, x, valid)
+  _, stats_real = fast(params, x[:2], valid[:2])
+  np.testing.assert_allclose(stats["aux_loss"], stats_real["aux_loss"], rtol=1e-6)
+  assert float(stats_real["aux_loss"]) > 0.9  # about 1 at balance, so 2/3 of it would fail
 
 
 def test_jitter_only_in_training():
@@ -161,6 +228,48 @@ def test_train_and_eval_capacity_factors():
   assert layer.capacity(64, deterministic=False) == 8
   assert layer.capacity(64, deterministic=True) == 32
   assert SwitchLayer(cfg.replace(expert_capacity=3), "top1").capacity(64, True) == 3
+
+
+def test_top2_capacity_counts_slots_per_token_not_per_choice():
+  # C = round(cf * S / E) for top-2 as for top-1 (Mesh-TF, flaxformer): 8
+  # tokens, 4 experts, cf 1.0 -> 2 slots, not 4; cf 2.0 holds every choice.
+  cfg = _config("top2", train_capacity_factor=1.0, eval_capacity_factor=2.0)
+  top2, top1 = SwitchLayer(cfg, "top2"), SwitchLayer(cfg, "top1")
+  assert top2.capacity(8, deterministic=False) == 2
+  assert top2.capacity(8, deterministic=True) == 4
+  assert top2.capacity(8192, False) == top1.capacity(8192, False) == 2048
+
+
+def test_expert_choice_evaluates_at_its_training_capacity():
+  # Each expert fills all C slots, so eval cf 2.0 would give each token ~2
+  # experts where training gave ~1. Eval must be the trained function.
+  cfg = _config("expert_choice", train_capacity_factor=1.0, eval_capacity_factor=2.0)
+  layer = SwitchLayer(cfg, "expert_choice")
+  assert layer.capacity(64, deterministic=True) == layer.capacity(64, deterministic=False) == 16
+  x, valid = _inputs()
+  params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
+  y_eval = layer.apply({"params": params}, x, valid)
+  y_train = layer.apply({"params": params}, x, valid, deterministic=False,
+                        rngs={"dropout": jax.random.PRNGKey(1)})  # no jitter, no dropout
+  np.testing.assert_allclose(y_eval, y_train, atol=1e-7)
+  assert float(jnp.abs(y_eval).max()) > 1e-2
+
+
+def test_expert_choice_eval_capacity_knob():
+  cfg = _config("expert_choice", train_capacity_factor=1.0, eval_capacity_factor=4.0,
+                expert_choice_eval_capacity_factor=2.0)
+  layer = SwitchLayer(cfg, "expert_choice")
+  assert layer.capacity(64, deterministic=True) == 32
+  assert layer.capacity(64, deterministic=False) == 16
+  x, valid = _inputs()
+  params = layer.init(jax.random.PRNGKey(0), x, valid)["params"]
+  y_eval = layer.apply({"params": params}, x, valid)
+  y_train = layer.apply({"params": params}, x, valid, deterministic=False,
+                        rngs={"dropout": jax.random.PRNGKey(1)})
+  # More experts per token at eval: a different function, not fewer drops.
+  assert float(jnp.abs(y_eval - y_train).max()) > 0.2 * float(jnp.abs(y_train).max())
+  with pytest.raises(ConfigError, match="expert_choice_eval_capacity_factor"):
+    _config("expert_choice", expert_choice_eval_capacity_factor=0.0)
 
 
 def test_expert_dropout_uses_its_own_rate():

@@ -99,9 +99,11 @@ def total_loss(config: ModelConfig, logits: Array, batch: Mapping[str, Array],
       the teacher, w = `teacher_weight` (0.25 in the paper, Table 6).
 
   Returns:
-    Scalar loss (normalized by real target tokens) and metrics: 'loss',
-    'cross_entropy', 'z_loss', 'accuracy', 'num_tokens', and the router
-    metrics with 'router_aux_loss' / 'router_z_loss' already scaled.
+    Scalar loss (normalized by real target tokens) and metrics: the loss
+    terms as they enter the loss ('loss', 'cross_entropy', 'output_z_loss',
+    'router_aux_loss', 'router_z_loss': scaled by their factors), 'accuracy',
+    'num_tokens', and the raw router statistics 'router/<name>' (means over
+    Switch layers, unscaled). What users see of them: `run_logging.METRICS`.
   """
   targets = batch["decoder_target_tokens"]
   weights = batch.get("decoder_loss_weights")
@@ -116,7 +118,7 @@ def total_loss(config: ModelConfig, logits: Array, batch: Mapping[str, Array],
   # XLA:CPU (32 ms of a Base-shaped step at vocab 32128).
   target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)
   correct = (target_logit[..., 0] >= jnp.max(logits, axis=-1)) * weights
-  metrics = {"cross_entropy": ce, "z_loss": zl, "num_tokens": jnp.sum(weights),
+  metrics = {"cross_entropy": ce, "output_z_loss": zl, "num_tokens": jnp.sum(weights),
              "accuracy": jnp.sum(correct) / num_tokens}
   loss = ce + zl
   if teacher_logits is not None:

@@ -1,10 +1,12 @@
 """What users watch: MODEL_DIR/metrics.jsonl, TensorBoard summaries and a
 console progress line with an ETA.
 
-Each logged step is one JSON object: step, loss, accuracy, aux and z
-losses, fraction of tokens dropped, per-layer expert load, learning rate,
-tokens/s and seconds per step. Appending (never rewriting) keeps the file
-whole across restarts; a resumed run's first line repeats no earlier step.
+Each logged step is one JSON object: step, the `METRICS` the step has (loss
+and its terms, accuracy, router statistics, gradient norm), per-layer
+expert load, learning rate, tokens/s and seconds per step. Evaluations are
+records of split "eval" with the same names. Appending (never rewriting)
+keeps the file whole across restarts; a resumed run's first line repeats
+no earlier step.
 """
 
 from __future__ import annotations
@@ -18,25 +20,69 @@ from typing import Mapping, Optional
 import numpy as np
 from etils import epath
 
-SCALARS = {
-    "loss": "loss", "cross_entropy": "cross_entropy", "accuracy": "accuracy",
-    "z_loss": "output_z_loss", "router_aux_loss": "router_aux_loss",
-    "router_z_loss": "router_z_loss", "router/fraction_dropped": "fraction_dropped",
-    "router/router_confidence": "router_confidence", "grad_norm": "grad_norm",
-    "teacher_cross_entropy": "teacher_cross_entropy", "finite": "finite",
+# The one naming of the metrics that training, evaluation (`switch-jax eval`,
+# the trainer's eval records), TensorBoard and the plots share:
+# {recorded name: (key in a step's metrics, `losses.total_loss`, what it is)}.
+# Loss terms are recorded as they enter the loss, i.e. scaled by their
+# factors: loss = cross_entropy + output_z_loss + router_aux_loss +
+# router_z_loss (distillation mixes in teacher_cross_entropy). Token means
+# are over real target tokens; router statistics are means over Switch layers.
+METRICS = {
+    "loss": ("loss", "the training objective, the sum of the scaled terms"),
+    "cross_entropy": ("cross_entropy", "token negative log-likelihood (nats)"),
+    "output_z_loss": ("output_z_loss", "z_loss * logsumexp(logits)^2 of the output softmax, "
+                                       "scaled"),
+    "accuracy": ("accuracy", "fraction of target tokens whose logit is the largest"),
+    "router_aux_loss": ("router_aux_loss", "aux_loss_factor * load-balancing loss, scaled"),
+    "router_z_loss": ("router_z_loss", "router_z_loss_factor * router z-loss, scaled"),
+    "router_aux_loss_unscaled": ("router/aux_loss", "load-balancing loss before its factor: "
+                                                    "1 at perfect balance"),
+    "router_z_loss_unscaled": ("router/z_loss", "router z-loss before its factor"),
+    "fraction_dropped": ("router/fraction_dropped", "share of expert assignments over "
+                                                    "capacity (the token skips the expert)"),
+    "router_confidence": ("router/router_confidence", "mean router probability of the "
+                                                      "chosen experts"),
+    "teacher_cross_entropy": ("teacher_cross_entropy", "cross-entropy against a distillation "
+                                                       "teacher's softmax, unscaled"),
+    "grad_norm": ("grad_norm", "global gradient norm (training only)"),
+    "finite": ("finite", "1 if the step's loss and gradients were finite and it was applied "
+                         "(training only)"),
 }
+# [layers][experts] token fractions, layers in `losses.switch_layer_names` order.
+EXPERT_LOAD = "expert_load"
+# An evaluation of a mixture records each task's teacher-forced metrics too,
+# as "<task>/teacher_forced/<name>"; decoded task metrics are "<task>/<metric>".
+TEACHER_FORCED = "teacher_forced"
+
+
+def task_metric(task: str, name: str) -> str:
+  """The recorded name of one task's teacher-forced metric `name`."""
+  return f"{task}/{TEACHER_FORCED}/{name}"
+_EXPERT_FRACTION_KEY = "router/expert_fraction_per_layer"
+
+
+def scalars(metrics: Mapping) -> dict[str, float]:
+  """{recorded name: float} of the `METRICS` that `metrics` (a step's, or
+  an evaluation's means, by their `losses` keys) holds."""
+  return {name: float(np.asarray(metrics[key])) for name, (key, _) in METRICS.items()
+          if key in metrics}
+
+
+def expert_load(metrics: Mapping, decimals: int = 5) -> Optional[list]:
+  """The [layers][experts] token fractions of a Switch model's metrics; None
+  for a dense model."""
+  if _EXPERT_FRACTION_KEY not in metrics:
+    return None
+  return np.round(np.asarray(metrics[_EXPERT_FRACTION_KEY], np.float64), decimals).tolist()
 
 
 def to_record(step: int, metrics: Mapping, *, learning_rate: float, tokens: float,
               seconds_per_step: float) -> dict:
   """A JSON-ready record of one step's (device) metrics."""
-  record = {"step": int(step)}
-  for key, name in SCALARS.items():
-    if key in metrics:
-      record[name] = float(np.asarray(metrics[key]))
-  if "router/expert_fraction_per_layer" in metrics:
-    record["expert_load"] = np.round(np.asarray(metrics["router/expert_fraction_per_layer"]),
-                                     5).tolist()
+  record = {"step": int(step), **scalars(metrics)}
+  load = expert_load(metrics)
+  if load is not None:
+    record[EXPERT_LOAD] = load
   record["learning_rate"] = float(learning_rate)
   record["seconds_per_step"] = float(seconds_per_step)
   record["tokens_per_second"] = float(tokens / seconds_per_step) if seconds_per_step else 0.0
@@ -83,7 +129,7 @@ class MetricsLogger:
       for name, value in record.items():
         if isinstance(value, (int, float)) and name != "step":
           self._writer.add_scalar(f"{prefix}/{name}", value, step)
-      for layer, load in enumerate(record.get("expert_load", [])):
+      for layer, load in enumerate(record.get(EXPERT_LOAD, [])):
         self._writer.add_scalars(f"{prefix}/expert_load/layer_{layer}",
                                  {f"expert_{e}": share for e, share in enumerate(load)}, step)
       self._writer.flush()

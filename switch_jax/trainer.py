@@ -175,12 +175,11 @@ def _tokens(batch: Mapping[str, np.ndarray]) -> float:
 
 
 def _evaluate(model, params, dataset, mesh, eval_steps):
-  """Validation loss and accuracy over at most `eval_steps` batches."""
+  """Validation metrics over at most `eval_steps` batches of each task (a
+  mixture's tasks one by one, each reported too)."""
   from switch_jax import evaluation  # pylint: disable=import-outside-toplevel
-  batches = pipeline.get_eval_batches(dataset, jax.process_index(), jax.process_count())
-  limited = (b for i, b in zip(range(eval_steps), batches))
-  return evaluation.eval_metrics(model, params, limited, mesh=mesh,
-                                 batch_size=dataset.batch_size // jax.process_count())
+  return evaluation.eval_dataset_metrics(model, params, dataset, mesh=mesh,
+                                         max_batches=eval_steps)
 
 
 def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.DatasetConfig,
@@ -207,7 +206,7 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
     eval_dataset: validation data for loss/accuracy every `eval_period`; a
       split that names no data (no `local_files.validation`) is dropped,
       said once in the log.
-    eval_steps: validation batches per evaluation.
+    eval_steps: validation batches per evaluation, per task of a mixture.
     inference_evaluator: `inference_evaluator(model=, mesh=)` -> an object
       with `evaluate(params, step) -> dict` (decoding + the task's metrics).
     mesh_shape: (data, expert, model); -1 takes the remaining devices.

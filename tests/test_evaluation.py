@@ -147,7 +147,7 @@ def test_eval_metrics_equal_direct_computation_with_a_padded_last_batch(setup):
   correct = (np.argmax(logits, -1) == full["decoder_target_tokens"]) * weights
   assert results["num_tokens"] == tokens == sum(len(t) for t in targets)
   np.testing.assert_allclose(results["cross_entropy"], np.sum(nll) / tokens, rtol=1e-5)
-  np.testing.assert_allclose(results["z_loss"], np.sum(z) / tokens, rtol=1e-5)
+  np.testing.assert_allclose(results["output_z_loss"], np.sum(z) / tokens, rtol=1e-5)
   np.testing.assert_allclose(results["accuracy"], correct.sum() / tokens, rtol=1e-6)
   assert results["accuracy"] > 0.3  # the greedy rows are right
   load = np.asarray(results["expert_load"])
@@ -239,7 +239,10 @@ def test_eval_command_writes_decoded_and_teacher_forced_metrics(setup, tmp_path,
   # Targets are cut to 5 bytes and EOS appended: each counts min(bytes, 5) + 1.
   assert metrics["num_tokens"] == sum(min(len(VOCAB.encode(t)), 5) + 1 for t in _TARGETS)
   assert 0.0 < metrics["cross_entropy"] < 100.0
-  assert f"{TASK}/exact_match" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert f"{TASK}/exact_match" in printed
+  assert printed.splitlines()[0].split() == ["step", "none", "(a", "converted", "model)"]
+  assert record["step"] is None and metrics["step"] is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -261,6 +264,112 @@ def test_commands_fail_with_one_line(setup, tmp_path, capsys, argv, message):
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and message in err, err
   assert not (tmp_path / "o.jsonl").exists()
+
+
+MIXTURE = "test_evaluation_two_tasks"
+MIXTURE_TASKS = {"test_evaluation_few": ["one", "two", "three"],
+                 "test_evaluation_many": [f"example {i}" for i in range(10)]}
+
+
+def _examples(targets, predictions):
+  del predictions
+  return {"examples": float(len(targets))}
+
+
+@pytest.fixture(scope="module")
+def mixture(setup):
+  """Two tasks of 3 and 10 examples (targets = inputs) mixed at equal rates:
+  seqio's mixed stream would stop once the small one runs out."""
+  del setup  # registers the model's task first; the mixture reuses its checkpoint
+  features = {"inputs": seqio.Feature(VOCAB), "targets": seqio.Feature(VOCAB)}
+  for name, texts in MIXTURE_TASKS.items():
+    def dataset_fn(split, shuffle_files, seed=None, texts=texts):
+      del split, shuffle_files, seed
+      return tf.data.Dataset.from_tensor_slices({"inputs": texts, "targets": texts})
+    seqio.TaskRegistry.add(
+        name, source=seqio.FunctionDataSource(dataset_fn, splits=["validation"]),
+        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
+        output_features=features, metric_fns=[_examples, _exact_match])
+  seqio.MixtureRegistry.add(MIXTURE, [(name, 1.0) for name in MIXTURE_TASKS])
+  # Targets cut to 5 bytes and EOS appended.
+  yield {name: sum(min(len(VOCAB.encode(t)), 5) + 1 for t in texts)
+         for name, texts in MIXTURE_TASKS.items()}
+  seqio.MixtureRegistry.remove(MIXTURE)
+  for name in MIXTURE_TASKS:
+    seqio.TaskRegistry.remove(name)
+
+
+def _training_run(setup, directory, step):
+  """A training run's MODEL_DIR whose newest checkpoint is `step`."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from switch_jax import train_checkpoints, train_step  # pylint: disable=import-outside-toplevel
+  state = train_step.TrainState(np.int32(step), setup["params"],
+                                optax.sgd(0.1).init(setup["params"]))
+  checkpointer = train_checkpoints.TrainCheckpointer(directory, async_save=False)
+  checkpointer.save(step, state, setup["config"], {"batches": step})
+  checkpointer.close()
+  return directory
+
+
+def test_eval_of_a_mixture_scores_every_example_of_every_task(setup, mixture, tmp_path, capsys):
+  run = _training_run(setup, tmp_path / "run", step=7)
+  out = tmp_path / "eval"
+  assert cli.main(["eval", "--checkpoint", str(run), "--task", MIXTURE,
+                   "--feature_lengths", "16,6", "--batch_size", str(BATCH),
+                   "--mesh_shape", "4,2,1", "--output_dir", str(out)]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0].split() == ["step", "7"]
+  record = json.loads((out / "eval_results.json").read_text())
+  assert record["step"] == 7 and record["evaluated"] == str(run / "checkpoints" / "7")
+  metrics = record["metrics"]
+  # Teacher-forced: every target token of both tasks, and each task's own.
+  assert metrics["num_tokens"] == sum(mixture.values()) == 14 + 60  # 4 + 4 + 6, 10 x 6
+  few, many = MIXTURE_TASKS
+  for name, tokens in mixture.items():
+    assert metrics[f"{name}/teacher_forced/num_tokens"] == tokens, name
+  pooled = sum(metrics[f"{n}/teacher_forced/cross_entropy"] * t for n, t in mixture.items())
+  assert metrics["cross_entropy"] == pytest.approx(pooled / sum(mixture.values()), rel=1e-6)
+  # Decoded: each task's every example, and the mean over tasks of their mean metric.
+  assert (metrics[f"{few}/examples"], metrics[f"{many}/examples"]) == (3.0, 10.0)
+  means = [(metrics[f"{n}/examples"] + metrics[f"{n}/exact_match"]) / 2 for n in MIXTURE_TASKS]
+  assert metrics[f"{MIXTURE}/average"] == pytest.approx(np.mean(means))
+
+
+def test_training_eval_of_a_mixture_reads_each_task(setup, mixture):
+  from switch_jax import trainer  # pylint: disable=import-outside-toplevel
+  from switch_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  dataset = pipeline.DatasetConfig(MIXTURE, LENGTHS, split="validation", batch_size=BATCH)
+  results = trainer._evaluate(setup["model"], setup["sharded"], dataset, setup["mesh"],
+                              eval_steps=1)
+  few, many = MIXTURE_TASKS
+  # One batch per task: all 3 of the small one, the first 8 of the large one.
+  eight = sum(min(len(VOCAB.encode(t)), 5) + 1 for t in MIXTURE_TASKS[many][:8])
+  assert results[f"{few}/teacher_forced/num_tokens"] == mixture[few]
+  assert results[f"{many}/teacher_forced/num_tokens"] == eight
+  assert results["num_tokens"] == mixture[few] + eight
+
+
+def test_train_and_eval_record_the_same_metric_names(setup):
+  import functools  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from switch_jax import run_logging, train_step  # pylint: disable=import-outside-toplevel
+  batch = _batch(TASK_INPUTS + FILE_INPUTS[:2], [[5, 6, 1]] * BATCH)
+  optimizer = optax.sgd(0.1)
+  state = train_step.TrainState(np.int32(0), setup["params"], optimizer.init(setup["params"]))
+  step = functools.partial(train_step.train_step, model=setup["model"], optimizer=optimizer)
+  shapes = jax.eval_shape(step, state, batch, jax.random.PRNGKey(0))[1]  # traced, not compiled
+  metrics = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  train = set(run_logging.to_record(1, metrics, learning_rate=0.1, tokens=1.0,
+                                    seconds_per_step=1.0))
+  evaluated = set(evaluation.eval_metrics(setup["model"], setup["sharded"], [batch],
+                                          mesh=setup["mesh"], batch_size=BATCH))
+  shared = {"loss", "cross_entropy", "output_z_loss", "accuracy", "router_aux_loss",
+            "router_z_loss", "router_aux_loss_unscaled", "router_z_loss_unscaled",
+            "fraction_dropped", "router_confidence", "expert_load"}
+  assert train - {"step", "learning_rate", "seconds_per_step", "tokens_per_second",
+                  "grad_norm", "finite"} == shared
+  assert evaluated - {"num_tokens"} == shared
+  assert shared - {"expert_load"} <= set(run_logging.METRICS)
 
 
 def test_strip_after_eos_keeps_tokens_through_eos_without_padding():

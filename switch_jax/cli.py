@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
 
 from switch_jax.errors import UserError
@@ -75,17 +74,12 @@ def main(argv=None) -> int:
     sub_parser = argparse.ArgumentParser(
         prog=f"switch-jax {argv[0]}", description=commands[argv[0]][1])
     module.add_arguments(sub_parser)
-    # t5x-style `--gin.NAME=VALUE` flags become gin bindings `NAME = VALUE`.
-    rest, bindings = [], []
-    for arg in argv[1:]:
-      match = re.fullmatch(r"--gin\.([^=]+)=(.*)", arg, flags=re.S)
-      if match:
-        bindings.append(f"{match.group(1)} = {match.group(2)}")
-      else:
-        rest.append(arg)
-    args = sub_parser.parse_args(rest)
-    args.gin_bindings = bindings
+    from switch_jax.commands import gin_flags  # pylint: disable=import-outside-toplevel
     try:
+      # t5x-style `--gin.NAME=VALUE` and `--gin_bindings=...` become gin bindings.
+      rest, bindings = gin_flags.split_gin_flags(argv[1:])
+      args = sub_parser.parse_args(rest)
+      args.gin_bindings = bindings
       return int(module.run(args) or 0)
     except UserError as e:
       print(f"switch-jax {argv[0]}: error: {e}", file=sys.stderr)

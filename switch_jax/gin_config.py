@@ -13,6 +13,7 @@ them only from sources you trust.
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import re
@@ -125,8 +126,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str],
   try:
     gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
   except (ValueError, OSError, SyntaxError, KeyError, TypeError, tokenize.TokenError) as e:
-    message = str(e).strip().replace("\n", " | ")
-    raise UserError(f"gin: {message}") from None
+    raise gin_error(e, bindings) from None
   finally:
     logging.getLogger().removeFilter(quiet)
   missing = re.findall(r"^(\w+) = %gin\.REQUIRED$", gin.config_str(), flags=re.M)
@@ -134,6 +134,38 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str],
     fixes = " ".join(REQUIRED_HINTS.get(name, f"--gin.{name}=...") for name in missing)
     raise UserError(f"gin: {', '.join(missing)} must be set (marked %gin.REQUIRED); "
                     f"pass e.g. {fixes}")
+
+
+# How a gin value may begin besides a Python literal: a reference, a macro, a
+# string, a tuple, list or dict.
+_GIN_VALUE_STARTS = ("@", "%", "'", '"', "(", "[", "{")
+
+
+def _unquoted_string(bindings: Sequence[str]):
+  """(name, value) of the first binding whose value is a bare word or path,
+  such as `MODEL_DIR = /tmp/x`: a string the shell stripped the quotes of."""
+  for binding in bindings:
+    name, sep, value = binding.partition("=")
+    value = value.strip()
+    if not sep or not value or value.startswith(_GIN_VALUE_STARTS):
+      continue
+    try:
+      ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      return name.strip(), value
+  return None
+
+
+def gin_error(error: Exception, bindings: Sequence[str] = ()) -> UserError:
+  """A parse failure as one line; a hint when a binding's string lacks quotes."""
+  message = f"gin: {str(error).strip()}".replace("\n", " | ")
+  bare = _unquoted_string(bindings)
+  if bare:
+    name, value = bare
+    message += (f"; the binding `{name} = {value}` needs quotes around its string, escaped for "
+                f'the shell: --gin.{name}=\\"{value}\\" (or --gin_bindings="{name} = '
+                f"'{value}'\")")
+  return UserError(message)
 
 
 def query(name: str):

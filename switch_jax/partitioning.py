@@ -50,7 +50,8 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int
   if num_devices % known:
     raise ConfigError(f"mesh shape {shape} needs a multiple of {known} devices, but "
                       f"{num_devices} are available; pick sizes whose product divides "
-                      f"{num_devices}")
+                      f"{num_devices}, or on a CPU emulate them with --num_cpu_devices={known} "
+                      "(e.g. mesh/cpu8.gin needs --num_cpu_devices=8)")
   resolved = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(resolved) != num_devices:
     raise ConfigError(f"mesh shape {shape} uses {math.prod(resolved)} devices but "

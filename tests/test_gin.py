@@ -129,3 +129,66 @@ def test_includes_resolve_when_the_working_directory_has_a_runs_folder(tmp_path,
                                            "TASK_FEATURE_LENGTHS = {}", "TRAIN_STEPS = 1",
                                            'INITIAL_CHECKPOINT_PATH = "/tmp/c"'])
   assert gin_config.query("BATCH_SIZE/macro.value") == 128
+
+
+def _parser(command):
+  import argparse  # pylint: disable=import-outside-toplevel
+  import importlib  # pylint: disable=import-outside-toplevel
+  from switch_jax import cli  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(prog=command)
+  importlib.import_module(cli.SUBCOMMANDS[command][0]).add_arguments(parser)
+  return parser
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "infer", "plan"])
+def test_one_spelling_for_emulated_devices_and_the_mesh(command):
+  extra = ["--model", "tiny_switch", "--batch_size", "8"] if command == "plan" else []
+  new = _parser(command).parse_args([*extra, "--num_cpu_devices=4", "--mesh_shape=2,2,1"])
+  old = _parser(command).parse_args([*extra, "--emulate_devices=4", "--mesh=2,2,1"])
+  assert (new.num_cpu_devices, new.mesh_shape) == (old.num_cpu_devices, old.mesh_shape) == (
+      4, "2,2,1")
+  text = " ".join(_parser(command).format_help().split())
+  assert "--emulate_devices is a deprecated alias" in text
+  assert "--mesh is a deprecated alias" in text
+
+
+def test_train_mesh_flag_overrides_the_mesh_file_and_the_error_names_the_device_flag(
+    tmp_path, capsys):
+  from switch_jax import cli  # pylint: disable=import-outside-toplevel
+  code = cli.main(["train", "--gin_file=models/tiny_switch.gin", "--gin_file=runs/pretrain.gin",
+                   "--gin_file=mesh/cpu8.gin", "--mesh_shape=16,1,1",
+                   *[f"--gin.{b.replace(' = ', '=', 1)}" for b in REQUIRED[:4]],
+                   f'--gin.MODEL_DIR="{tmp_path / "run"}"'])
+  err = capsys.readouterr().err
+  assert code == 2 and "mesh shape (16, 1, 1) needs a multiple of 16 devices, but 8" in err
+  assert "--num_cpu_devices=16" in err and "Traceback" not in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_mesh_file_without_enough_devices_names_the_flag():
+  from switch_jax import partitioning  # pylint: disable=import-outside-toplevel
+  with pytest.raises(UserError, match="mesh/cpu8.gin needs --num_cpu_devices=8"):
+    partitioning.resolve_mesh_shape((2, 4, 1), 1)
+
+
+def test_gin_bindings_flag_as_in_t5x(capsys):
+  from switch_jax import cli  # pylint: disable=import-outside-toplevel
+  from switch_jax.commands import gin_flags  # pylint: disable=import-outside-toplevel
+  assert gin_flags.split_gin_flags(
+      ["--gin.A=1", "--gin_bindings=B = 'x'", "--gin_bindings", "C = (1, 2)", "--other"]) == (
+          ["--other"], ["A = 1", "B = 'x'", "C = (1, 2)"])
+  code = cli.main(["train", "--gin_file=models/tiny_switch.gin", "--gin_file=runs/pretrain.gin",
+                   "--gin_bindings=MODEL_DIR = '/tmp/x'", "--gin_bindings", "TRAIN_STEPS = 3"])
+  err = capsys.readouterr().err
+  assert code == 2
+  assert "gin: MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS must be set" in err, err
+
+
+@pytest.mark.parametrize("binding,value", [("MODEL_DIR = /tmp/x", "/tmp/x"),
+                                           ("make_optimizer.name = adam", "adam")])
+def test_an_unquoted_string_gets_a_hint_naming_the_binding(binding, value):
+  name = binding.split(" = ")[0]
+  with pytest.raises(UserError) as raised:
+    gin_config.parse(["models/tiny_switch.gin", "runs/pretrain.gin"], [binding])
+  assert (f"the binding `{name} = {value}` needs quotes around its string, escaped for the "
+          f'shell: --gin.{name}=\\"{value}\\"') in str(raised.value)

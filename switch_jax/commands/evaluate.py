@@ -36,9 +36,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--beam_size", type=int, default=None, help="beams (default 4)")
   parser.add_argument("--max_examples", type=int, default=None,
                       help="read at most this many examples")
-  parser.add_argument("--mesh_shape", default=None,
-                      help="DATA,EXPERT,MODEL device mesh; one -1 takes the rest "
-                           "(default: --mesh_shape=-1,1,1)")
+  gin_flags.add_mesh_argument(parser, default_help=" (default -1,1,1)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +74,7 @@ def setup(args) -> None:
     try:
       gin.parse_config_files_and_bindings([], bindings, finalize_config=False)
     except (ValueError, SyntaxError, KeyError, TypeError) as e:
-      raise UserError(f"gin: {str(e).strip()}".replace("\n", " | ")) from None
+      raise gin_config.gin_error(e, bindings) from None
 
 
 def plain_kwargs(args) -> dict:
@@ -99,7 +97,7 @@ def plain_kwargs(args) -> dict:
     if getattr(args, name) is not None:
       kwargs[name] = getattr(args, name)
   if args.mesh_shape:
-    kwargs["mesh_shape"] = _ints(args.mesh_shape, 3, "--mesh_shape")
+    kwargs["mesh_shape"] = gin_flags.mesh_shape(args.mesh_shape)
   return kwargs
 
 

@@ -1,9 +1,14 @@
-"""The t5x-style flags shared by the gin-driven commands (train, eval, infer)."""
+"""The t5x-style flags shared by the gin-driven commands (train, eval, infer),
+and the device and mesh flags they share with `plan`: one spelling each."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+from typing import Sequence
+
+from switch_jax.errors import UserError
 
 
 def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,13 +20,70 @@ def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
                       help="comma-separated folders to look up gin files and includes in")
   parser.add_argument("--tfds_data_dir", default=None,
                       help="where TFDS datasets are prepared (read-only; nothing downloads)")
-  parser.add_argument("--num_cpu_devices", type=int, default=None,
-                      help="emulate this many devices on the CPU (a local mesh)")
+  add_device_arguments(parser)
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() first (multi-host TPU pods)")
   parser.epilog = ("Any --gin.NAME=VALUE flag becomes the gin binding `NAME = VALUE`, applied "
                    "after the files, e.g. --gin.MODEL_DIR=\\\"/tmp/run\\\" "
-                   "--gin.ModelConfig.num_experts=8. Gin files are code: use trusted ones.")
+                   "--gin.ModelConfig.num_experts=8; t5x's --gin_bindings=\"NAME = VALUE\" "
+                   "(repeatable) works too. String values need gin quotes, escaped for the "
+                   "shell. Gin files are code: use trusted ones.")
+
+
+def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(the other arguments, the gin bindings) of a command line.
+
+  t5x's two spellings: `--gin.NAME=VALUE` becomes `NAME = VALUE`, and
+  `--gin_bindings=TEXT` (or `--gin_bindings TEXT`, repeatable) is TEXT as
+  it is, in the order given.
+  """
+  rest, bindings = [], []
+  argv = list(argv)
+  while argv:
+    arg = argv.pop(0)
+    dotted = re.fullmatch(r"--gin\.([^=]+)=(.*)", arg, flags=re.S)
+    if dotted:
+      bindings.append(f"{dotted.group(1)} = {dotted.group(2)}")
+    elif arg.startswith("--gin_bindings="):
+      bindings.append(arg.partition("=")[2])
+    elif arg == "--gin_bindings":
+      if not argv:
+        raise UserError("--gin_bindings needs a value, e.g. --gin_bindings=\"NAME = VALUE\"")
+      bindings.append(argv.pop(0))
+    else:
+      rest.append(arg)
+  return rest, bindings
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, default=None) -> None:
+  """--num_cpu_devices (deprecated alias --emulate_devices)."""
+  parser.add_argument("--num_cpu_devices", "--emulate_devices", dest="num_cpu_devices", type=int,
+                      default=default, metavar="N",
+                      help="emulate N devices on the CPU, a local mesh (set before JAX starts; "
+                           "--emulate_devices is a deprecated alias, removed after the next "
+                           "release)")
+
+
+def add_mesh_argument(parser: argparse.ArgumentParser, required: bool = False,
+                      default_help: str = "") -> None:
+  """--mesh_shape DATA,EXPERT,MODEL (deprecated alias --mesh)."""
+  parser.add_argument("--mesh_shape", "--mesh", dest="mesh_shape", required=required,
+                      default=None, metavar="DATA,EXPERT,MODEL",
+                      help="device mesh sizes; one may be -1 for the rest (write "
+                           f"--mesh_shape=-1,8,1){default_help}; --mesh is a deprecated alias, "
+                           "removed after the next release")
+
+
+def mesh_shape(text: str) -> tuple[int, int, int]:
+  """The --mesh_shape value as three integers."""
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if len(values) != 3:
+    raise UserError(f"--mesh_shape {text!r}: expected 3 entries DATA,EXPERT,MODEL (integers, "
+                    "one may be -1), e.g. --mesh_shape=-1,8,1")
+  return values
 
 
 def setup(args) -> None:

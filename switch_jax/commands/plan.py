@@ -1,14 +1,16 @@
 """`switch-jax plan`: per-device memory, all-to-all traffic and FLOPs of a
 train step of a config on a (data, expert, model) mesh.
 
-  switch-jax plan --model switch_c_2048 --mesh 1,2048,1 --batch_size 2048 \\
+  switch-jax plan --model switch_c_2048 --mesh_shape 1,2048,1 --batch_size 2048 \\
       --set dtype=bfloat16 --device_memory_gib 32
-  switch-jax plan --model tiny_switch --set num_experts=8 --mesh 1,8,1 \\
-      --batch_size 8 --input_length 8 --target_length 8 --emulate_devices 8 --compile
+  switch-jax plan --model tiny_switch --set num_experts=8 --mesh_shape 1,8,1 \\
+      --batch_size 8 --input_length 8 --target_length 8 --num_cpu_devices 8 --compile
 
 The plan is analytic, so the mesh may be far larger than this machine.
-With --compile (and a mesh that fits the local or --emulate_devices CPU
+With --compile (and a mesh that fits the local or --num_cpu_devices CPU
 devices) it also compiles the real step and prints XLA's figures beside it.
+`--mesh` and `--emulate_devices` are deprecated aliases of `--mesh_shape`
+and `--num_cpu_devices` (the spellings of train, eval and infer).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import json
 import math
 
+from switch_jax.commands import gin_flags
 from switch_jax.config import ModelConfig, get_config
 from switch_jax.errors import ConfigError, UserError
 
@@ -29,10 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", required=True, help="a named config, e.g. switch_c_2048")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a ModelConfig field (repeatable), e.g. dtype=bfloat16")
-  parser.add_argument("--mesh", required=True,
-                      help="data,expert,model sizes; one may be -1 (write --mesh=-1,8,1)")
+  gin_flags.add_mesh_argument(parser, required=True)
   parser.add_argument("--num_devices", type=int,
-                      help="devices of the planned system (resolves a -1 in --mesh)")
+                      help="devices of the planned system (resolves a -1 in --mesh_shape)")
   parser.add_argument("--batch_size", type=int, required=True, help="global sequences per step")
   parser.add_argument("--input_length", type=int, default=512)
   parser.add_argument("--target_length", type=int, default=114)
@@ -42,8 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="memory per chip (16 TPU v3, 32 TPU v4)")
   parser.add_argument("--compile", action="store_true",
                       help="also compile the step on local devices if the mesh fits them")
-  parser.add_argument("--emulate_devices", type=int,
-                      help="emulate this many CPU devices (set before JAX starts)")
+  gin_flags.add_device_arguments(parser)
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -71,14 +72,7 @@ def _emulate(num_devices: int) -> None:
     jax.config.update("jax_num_cpu_devices", num_devices)
   except RuntimeError:
     raise UserError(f"JAX already started with {jax.device_count()} devices; "
-                    f"--emulate_devices {num_devices} must come before it starts") from None
-
-
-def _mesh(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(s) for s in text.split(","))
-  except ValueError:
-    raise UserError(f"--mesh {text!r}: expected data,expert,model integers") from None
+                    f"--num_cpu_devices {num_devices} must come before it starts") from None
 
 
 def _plan_args(args, **changes) -> dict:
@@ -104,7 +98,7 @@ def alternatives(config: ModelConfig, plan, args) -> list[str]:
   for new_mesh in ((data // 2, expert * 2, model), (data // 2, expert, model * 2),
                    (data, expert // 2, model * 2)):
     if math.prod(new_mesh) == plan.num_devices:
-      candidates.append(("--mesh ", ",".join(map(str, new_mesh)), config, new_mesh, {}))
+      candidates.append(("--mesh_shape ", ",".join(map(str, new_mesh)), config, new_mesh, {}))
   candidates.append(("--batch_size ", args.batch_size // 2, config, plan.mesh_shape,
                      {"batch_size": args.batch_size // 2}))
   found = []
@@ -191,15 +185,16 @@ def _table(name: str, config: ModelConfig, plan, compiled, analytic_optax) -> st
 
 
 def run(args) -> int:
-  if args.emulate_devices:
-    _emulate(args.emulate_devices)
+  if args.num_cpu_devices:
+    _emulate(args.num_cpu_devices)
   from switch_jax import planning  # pylint: disable=import-outside-toplevel
   config = model_config(args)
-  mesh = _mesh(args.mesh)
+  mesh = gin_flags.mesh_shape(args.mesh_shape)
   num_devices = args.num_devices
   if num_devices is None and -1 in mesh:
-    if not (args.compile or args.emulate_devices):
-      raise UserError(f"--mesh {args.mesh} has a -1: pass --num_devices to resolve it")
+    if not (args.compile or args.num_cpu_devices):
+      raise UserError(f"--mesh_shape {args.mesh_shape} has a -1: pass --num_devices to "
+                      "resolve it")
     import jax  # pylint: disable=import-outside-toplevel
     num_devices = jax.device_count()
   plan = planning.plan(config, mesh, num_devices=num_devices, **_plan_args(args))
@@ -209,7 +204,7 @@ def run(args) -> int:
     import jax  # pylint: disable=import-outside-toplevel
     if plan.num_devices > jax.device_count():
       note = (f"not compiled: the mesh needs {plan.num_devices} devices, {jax.device_count()} "
-              f"are local (--emulate_devices {plan.num_devices} emulates them on CPU)")
+              f"are local (--num_cpu_devices {plan.num_devices} emulates them on CPU)")
     else:
       compiled = planning.compiled_memory(
           config, plan.mesh_shape, batch_size=args.batch_size, input_length=args.input_length,

@@ -5,6 +5,8 @@
       --gin.TASK_FEATURE_LENGTHS="{'inputs': 512, 'targets': 114}" --gin.TRAIN_STEPS=100000
 
 Re-running the same command resumes from the newest checkpoint in MODEL_DIR.
+`--num_cpu_devices 8 --mesh_shape 2,4,1` emulates a mesh on the CPU, as in
+eval, infer and plan.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from switch_jax.commands import gin_flags
 
 def add_arguments(parser):
   gin_flags.add_gin_arguments(parser)
+  gin_flags.add_mesh_argument(parser, default_help=" (sets the gin macro MESH_SHAPE, which "
+                              "the run and mesh/*.gin files bind)")
 
 
 def run(args) -> int:
+  if args.mesh_shape:  # after the files' bindings, so it wins over mesh/*.gin
+    args.gin_bindings = [*args.gin_bindings,
+                         f"MESH_SHAPE = {gin_flags.mesh_shape(args.mesh_shape)}"]
   gin_flags.setup(args)
   import gin  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel

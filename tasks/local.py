@@ -16,8 +16,8 @@ from typing import Optional, Sequence, Union
 import gin
 import seqio
 
+from switch_jax import errors
 from switch_jax.data import preprocessors, sources, vocabularies
-from switch_jax.errors import SplitNotBoundError
 
 Patterns = Optional[Union[str, Sequence[str]]]
 
@@ -38,7 +38,7 @@ def split_files(split: str) -> tuple:
   config = local_files()
   patterns = config.get(split)
   if not patterns:
-    raise SplitNotBoundError(
+    raise errors.SplitNotBoundError(
         f"the local tasks read files you name, and none are bound for split {split!r}: "
         f"add the gin binding `local_files.{split} = '/path/to/*.txt'` (one document per "
         "line; .jsonl files use their 'text' field)")

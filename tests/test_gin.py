@@ -174,14 +174,14 @@ def test_mesh_file_without_enough_devices_names_the_flag():
 def test_gin_bindings_flag_as_in_t5x(capsys):
   from switch_jax import cli  # pylint: disable=import-outside-toplevel
   from switch_jax.commands import gin_flags  # pylint: disable=import-outside-toplevel
-  assert gin_flags.split_gin_flags(
-      ["--gin.A=1", "--gin_bindings=B = 'x'", "--gin_bindings", "C = (1, 2)", "--other"]) == (
-          ["--other"], ["A = 1", "B = 'x'", "C = (1, 2)"])
   code = cli.main(["train", "--gin_file=models/tiny_switch.gin", "--gin_file=runs/pretrain.gin",
                    "--gin_bindings=MODEL_DIR = '/tmp/x'", "--gin_bindings", "TRAIN_STEPS = 3"])
   err = capsys.readouterr().err
   assert code == 2
   assert "gin: MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS must be set" in err, err
+  assert gin_flags.split_gin_flags(
+      ["--gin.A=1", "--gin_bindings=B = 'x'", "--gin_bindings", "C = (1, 2)", "--other"]) == (
+          ["--other"], ["A = 1", "B = 'x'", "C = (1, 2)"])
 
 
 @pytest.mark.parametrize("binding,value", [("MODEL_DIR = /tmp/x", "/tmp/x"),

@@ -17,6 +17,25 @@ def curve(records: Sequence[dict], field: str) -> tuple[list[int], list[float]]:
   return [s for s, _ in points], [v for _, v in points]
 
 
+def eval_fraction_dropped(record: dict) -> Optional[float]:
+  """An eval record's share of dropped assignments: "fraction_dropped" (the
+  name training uses too), or "router/fraction_dropped" in records written
+  before eval and training shared one naming."""
+  for name in ("fraction_dropped", "router/fraction_dropped"):
+    if isinstance(record.get(name), (int, float)):
+      return float(record[name])
+  return None
+
+
+def task_metric_names(record: dict) -> list[str]:
+  """The decoded task metrics of an eval record ("task/metric" and a
+  mixture's "mixture/average"): not the router statistics of old records
+  ("router/..."), nor a mixture's per-task teacher-forced "task/teacher_forced/..."."""
+  return [k for k, v in record.items()
+          if "/" in k and isinstance(v, (int, float)) and not k.startswith("router/")
+          and "/teacher_forced/" not in k]
+
+
 def training_seconds(train_records: Sequence[dict]) -> dict[int, float]:
   """Cumulative training time at each logged step: each record's mean
   seconds per step times the steps since the previous record. The first

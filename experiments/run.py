@@ -90,14 +90,13 @@ def _load(run_dir: Path) -> dict:
   if dropped:
     out["train_dropped_mean"] = sum(dropped) / len(dropped)
     out["train_dropped_final"] = dropped[-1]
-  if "router/fraction_dropped" in final:
-    out["val_dropped"] = final["router/fraction_dropped"]
+  if analysis.eval_fraction_dropped(final) is not None:
+    out["val_dropped"] = analysis.eval_fraction_dropped(final)
   if "expert_load" in final:
     out["val_expert_load"] = final["expert_load"]
     out["val_dead_experts"] = sum(1 for layer in final["expert_load"] for x in layer if x == 0)
   # The task's own metrics (e.g. "embedded_continuation/accuracy"), not the router's.
-  metric_keys = [k for k in final if "/" in k and not k.startswith("router/")
-                 and isinstance(final[k], (int, float))]
+  metric_keys = analysis.task_metric_names(final)
   out["task_metrics"] = {k: final[k] for k in metric_keys}
   out["task_metrics_by_step"] = {
       k: [(r["step"], r[k]) for r in evals if k in r] for k in metric_keys}

@@ -47,6 +47,17 @@ def test_share_of_gain_kept_and_seed_spread():
                         "x") == ([1], [2.0])
 
 
+def test_eval_records_read_in_the_shared_and_the_old_names():
+  old = {"step": 4, "router/fraction_dropped": 0.25, "router/aux_loss": 1.1,
+         "rte/accuracy": 60.0}
+  new = {"step": 4, "fraction_dropped": 0.5, "router_aux_loss_unscaled": 1.1,
+         "rte/accuracy": 61.0, "mix/average": 70.0, "rte/teacher_forced/loss": 2.0}
+  assert (analysis.eval_fraction_dropped(old), analysis.eval_fraction_dropped(new)) == (0.25, 0.5)
+  assert analysis.eval_fraction_dropped({"step": 4}) is None
+  assert analysis.task_metric_names(old) == ["rte/accuracy"]
+  assert analysis.task_metric_names(new) == ["rte/accuracy", "mix/average"]
+
+
 def test_continuation_pairs():
   docs = ["Open the file first. Then read every line of it. Close it.",
           "One sentence only, nothing follows here.",

@@ -1,7 +1,7 @@
 """PNGs of a run's metrics.jsonl (what `switch-jax plot` and the quickstart draw).
 
   loss.png         training loss by step, and eval loss where the run logged
-                   eval records (split "eval")
+                   eval records (split "eval"), of every task of a mixture too
   expert_load.png  per Switch layer: each expert's fraction of the tokens
                    over the steps (the largest and smallest beyond 16
                    experts), and a layer x expert heatmap of the last logged
@@ -31,12 +31,22 @@ def _series(records, field: str) -> tuple[list[int], list[float]]:
   return [s for s, _ in points], [v for _, v in points]
 
 
+def _task_losses(evals) -> dict[str, str]:
+  """{task: its recorded eval loss name} of a mixture's eval records."""
+  suffix = run_logging.task_metric("", "loss")  # "/teacher_forced/loss"
+  return {name[:-len(suffix)]: name for name in sorted({k for r in evals for k in r})
+          if name.endswith(suffix)}
+
+
 def plot_loss(train, evals, path: Path) -> Path:
   fig, ax = plt.subplots(figsize=(7, 4))
-  for records, label, style in ((train, "train", "-"), (evals, "eval", "o-")):
-    steps, values = _series(records, "loss")
+  lines = [(train, "loss", "train loss", "-"), (evals, "loss", "eval loss", "o-")]
+  lines += [(evals, name, f"eval loss: {task}", "o--")
+            for task, name in _task_losses(evals).items()]
+  for records, field, label, style in lines:
+    steps, values = _series(records, field)
     if steps:
-      ax.plot(steps, values, style, label=f"{label} loss", markersize=3)
+      ax.plot(steps, values, style, label=label, markersize=3)
   ax.set_xlabel("step")
   ax.set_ylabel("loss")
   ax.grid(alpha=0.3)
@@ -50,7 +60,7 @@ def plot_loss(train, evals, path: Path) -> Path:
 def plot_expert_load(records, path: Path) -> Path:
   """One panel per layer (load over steps) and a heatmap of the last step."""
   steps = [r["step"] for r in records]
-  load = np.asarray([r["expert_load"] for r in records], dtype=float)  # [T, layers, E]
+  load = np.asarray([r[run_logging.EXPERT_LOAD] for r in records], dtype=float)  # [T, layers, E]
   _, layers, experts = load.shape
   names = records[-1].get("expert_load_layers") or [str(i) for i in range(layers)]
   columns = min(layers, 4)
@@ -96,9 +106,9 @@ def write_plots(model_dir, out=None) -> list[Path]:
   out = Path(out) if out else model_dir
   out.mkdir(parents=True, exist_ok=True)
   written = [plot_loss(train, evals, out / "loss.png")]
-  with_load = [r for r in train if r.get("expert_load") and "step" in r]
+  with_load = [r for r in train if r.get(run_logging.EXPERT_LOAD) and "step" in r]
   if with_load:
-    shapes = {np.shape(r["expert_load"]) for r in with_load}
+    shapes = {np.shape(r[run_logging.EXPERT_LOAD]) for r in with_load}
     if len(shapes) > 1:
       raise UserError(f"expert_load changes shape between records ({sorted(shapes)}); "
                       "does metrics.jsonl mix runs of different models?")

@@ -22,7 +22,8 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from switch_jax import checkpoints, cli, decoding, evaluation, losses, partitioning
+from switch_jax import (checkpoints, cli, decoding, evaluation, losses, partitioning,
+                        plots)
 from switch_jax.config import get_config
 from switch_jax.data import vocabularies
 from switch_jax.model import EncoderDecoder
@@ -391,12 +392,17 @@ def test_plot_writes_loss_and_expert_load_pngs(tmp_path, capsys):
   run.mkdir()
   lines = [{"split": "train", "step": s, "loss": 5.0 / s,
             "expert_load": [[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]} for s in range(1, 6)]
-  lines += [{"split": "eval", "step": s, "loss": 6.0 / s} for s in (2, 4)]
+  lines += [{"split": "eval", "step": s, "loss": 6.0 / s, "mix/average": 50.0,
+             "few/teacher_forced/loss": 7.0 / s, "many/teacher_forced/loss": 5.0 / s,
+             "many/teacher_forced/accuracy": 0.1} for s in (2, 4)]
   (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"torn')
   out = tmp_path / "plots"
   assert cli.main(["plot", str(run), "--out", str(out)]) == 0
   assert capsys.readouterr().out.split() == [str(out / "loss.png"), str(out / "expert_load.png")]
   assert _png_size(out / "loss.png") == (700, 400)  # figsize 7 x 4 inches at 100 dpi
   assert _png_size(out / "expert_load.png") == (740, 520)  # 2 layers: 1 row of panels + heatmap
+  # A mixture's eval records: one more loss line per task.
+  assert plots._task_losses(lines) == {"few": "few/teacher_forced/loss",
+                                       "many": "many/teacher_forced/loss"}
   assert cli.main(["plot", str(tmp_path / "nothing")]) == 2
   assert "no metrics.jsonl" in capsys.readouterr().err

@@ -41,6 +41,7 @@ setup(
         "safetensors>=0.4",
         "importlib_resources",
         "numpy>=1.26",
+        "scipy>=1.11",  # metrics: Pearson and Spearman as T5 computes them
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
     ],

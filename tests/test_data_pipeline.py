@@ -162,11 +162,13 @@ def test_unknown_task_names_suggest_close_ones():
     pipeline.get_dataset(_config(mixture_or_task_name="local_span_corruptoin"))
 
 
-def test_bad_configs_are_user_errors(corpus_dir):
+def test_bad_configs_are_user_errors(bound):
   with pytest.raises(UserError, match="does not divide"):
     pipeline.get_dataset(_config(batch_size=6), 0, 4)
   with pytest.raises(UserError, match="no split 'dev'"):
     pipeline.get_dataset(_config(split="dev"))
+  # Unbound here whatever an earlier in-process command in this worker left bound.
+  bound(validation=None)
   with pytest.raises(UserError, match="local_files.validation"):
     pipeline.get_dataset(_config(split="validation"))
 

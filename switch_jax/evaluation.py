@@ -21,7 +21,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -347,11 +347,18 @@ def _check_checkpoint(checkpoint_path) -> None:
 
 
 def restore_for_eval(checkpoint_path, model_config: Optional[ModelConfig] = None,
-                     mesh_shape=(-1, 1, 1), batch_size: Optional[int] = None):
+                     mesh_shape=(-1, 1, 1), batch_size: Optional[int] = None,
+                     model_overrides: Optional[Mapping[str, Any]] = None):
   """(model, params on the mesh, mesh) of a model checkpoint or training run;
-  `model_config` None reads the checkpoint's."""
+  `model_config` None reads the checkpoint's, with the fields in
+  `model_overrides` replaced (e.g. {"eval_capacity_factor": 4.0})."""
   _check_checkpoint(checkpoint_path)
   config = model_config or train_checkpoints.load_config(checkpoint_path)
+  if model_overrides:
+    try:
+      config = config.replace(**model_overrides)
+    except TypeError as e:  # a name that is no ModelConfig field
+      raise UserError(f"ModelConfig overrides {dict(model_overrides)}: {e}") from None
   mesh = partitioning.make_mesh(mesh_shape)
   partitioning.check_fits(config, partitioning.mesh_shape(mesh), batch_size)
   model = EncoderDecoder(config)
@@ -359,7 +366,8 @@ def restore_for_eval(checkpoint_path, model_config: Optional[ModelConfig] = None
 
 
 def evaluate(*, checkpoint_path: str, dataset: Optional[pipeline.DatasetConfig] = None,
-             model_config: Optional[ModelConfig] = None, mesh_shape=(-1, 1, 1),
+             model_config: Optional[ModelConfig] = None,
+             model_overrides: Optional[Mapping[str, Any]] = None, mesh_shape=(-1, 1, 1),
              decode: str = "greedy", beam_size: int = 4, alpha: float = 0.6,
              max_examples: Optional[int] = None, output_dir: Optional[str] = None) -> dict:
   """`switch-jax eval`: teacher-forced metrics on `dataset`'s split, and the
@@ -371,6 +379,8 @@ def evaluate(*, checkpoint_path: str, dataset: Optional[pipeline.DatasetConfig] 
       run's model dir (its newest step) or one step directory.
     dataset: task or mixture, split, feature lengths and global batch size.
     model_config: None reads the checkpoint's.
+    model_overrides: fields of the checkpoint's config to replace, e.g. the
+      eval capacity factors (`--gin.ModelConfig.NAME=VALUE` on the command).
     mesh_shape: (data, expert, model); one -1 takes the remaining devices.
     decode, beam_size, alpha: how task metrics decode ('greedy' or 'beam').
     max_examples: read at most this many examples per task (rounded up to a
@@ -387,7 +397,7 @@ def evaluate(*, checkpoint_path: str, dataset: Optional[pipeline.DatasetConfig] 
   # Resolved once: a run still training may save a newer step meanwhile.
   source = checkpoints.resolve(checkpoint_path)
   model, params, mesh = restore_for_eval(str(source.path), model_config, mesh_shape,
-                                         dataset.batch_size)
+                                         dataset.batch_size, model_overrides)
   results = {"step": source.step}
   results |= eval_dataset_metrics(
       model, params, dataset, mesh=mesh,
@@ -455,7 +465,8 @@ def _file_examples(input_file, vocab: seqio.Vocabulary, input_length: int):
 def infer(*, checkpoint_path: str, output_file: str,
           dataset: Optional[pipeline.DatasetConfig] = None, input_file: Optional[str] = None,
           vocabulary: Union[str, seqio.Vocabulary, None] = None,
-          model_config: Optional[ModelConfig] = None, mesh_shape=(-1, 1, 1),
+          model_config: Optional[ModelConfig] = None,
+          model_overrides: Optional[Mapping[str, Any]] = None, mesh_shape=(-1, 1, 1),
           decode: str = "greedy", beam_size: int = 4, alpha: float = 0.6,
           batch_size: Optional[int] = None, input_length: int = 512,
           max_decode_length: Optional[int] = None, max_examples: Optional[int] = None) -> int:
@@ -486,7 +497,8 @@ def infer(*, checkpoint_path: str, output_file: str,
     records, rows = records[:max_examples], rows[:max_examples]
   if not rows:
     raise UserError("there is nothing to decode: the inputs are empty")
-  model, params, mesh = restore_for_eval(checkpoint_path, model_config, mesh_shape)
+  model, params, mesh = restore_for_eval(checkpoint_path, model_config, mesh_shape,
+                                         model_overrides=model_overrides)
   too_big = max(max(r, default=0) for r in rows)
   if too_big >= model.config.vocab_size:
     raise UserError(f"token id {too_big} is outside the model's vocabulary of "

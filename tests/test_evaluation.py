@@ -246,6 +246,22 @@ def test_eval_command_writes_decoded_and_teacher_forced_metrics(setup, tmp_path,
   assert record["step"] is None and metrics["step"] is None
 
 
+def test_eval_command_applies_model_config_bindings_to_the_checkpoints_config(setup, tmp_path):
+  # The checkpoint holds room for every token; one slot per expert drops some.
+  def dropped(*bindings):
+    out = tmp_path / str(len(bindings))
+    assert cli.main(["eval", "--checkpoint", str(setup["checkpoint"]), "--task", TASK,
+                     "--feature_lengths", "16,6", "--batch_size", str(BATCH),
+                     "--mesh_shape", "4,2,1", "--output_dir", str(out), *bindings]) == 0
+    return json.loads((out / "eval_results.json").read_text())["metrics"]["fraction_dropped"]
+
+  try:
+    assert dropped() == 0.0
+    assert dropped("--gin.ModelConfig.expert_capacity=1") > 0.2
+  finally:
+    gin.bind_parameter("ModelConfig.expert_capacity", None)  # the default, for later tests
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--checkpoint", "{missing}", "--task", TASK], "does not exist"),
     (["eval", "--task", TASK], "--checkpoint is required"),

@@ -11,7 +11,9 @@ Prints the checkpoint step evaluated, teacher-forced loss and token
 accuracy (named as in training's metrics.jsonl), and the task's own metrics
 on decoded outputs (if it has any); a mixture's tasks one by one, then
 over all of them. `--output_dir` also gets them as `eval_results.json`.
-Plain flags given with gin files override the gin bindings.
+Plain flags given with gin files override the gin bindings. The model is
+the checkpoint's; `--gin.ModelConfig.NAME=VALUE` replaces one field of its
+config, e.g. `eval_capacity_factor` or `expert_choice_eval_capacity_factor`.
 """
 
 from __future__ import annotations
@@ -105,8 +107,14 @@ def configured(name: str, args, kwargs: dict):
   """The function to call: gin's configurable with the files' bindings, or
   the plain function, with the plain flags' keyword arguments."""
   from switch_jax import evaluation  # pylint: disable=import-outside-toplevel
-  if args.gin_file:
+  if args.gin_file or getattr(args, "gin_bindings", None):
     import gin  # pylint: disable=import-outside-toplevel
+    # The model's config is the checkpoint's; `ModelConfig.*` bindings (say
+    # an eval capacity factor) replace its fields instead of going unheard.
+    overrides = gin.get_bindings("ModelConfig")
+    if overrides:
+      kwargs = kwargs | {"model_overrides": overrides}
+  if args.gin_file:
     fn = gin.get_configurable(name)
   else:
     fn = getattr(evaluation, name)

@@ -50,6 +50,7 @@ METRICS = {
 }
 # [layers][experts] token fractions, layers in `losses.switch_layer_names` order.
 EXPERT_LOAD = "expert_load"
+_EXPERT_FRACTION_KEY = "router/expert_fraction_per_layer"  # its key in a step's metrics
 # An evaluation of a mixture records each task's teacher-forced metrics too,
 # as "<task>/teacher_forced/<name>"; decoded task metrics are "<task>/<metric>".
 TEACHER_FORCED = "teacher_forced"
@@ -58,7 +59,6 @@ TEACHER_FORCED = "teacher_forced"
 def task_metric(task: str, name: str) -> str:
   """The recorded name of one task's teacher-forced metric `name`."""
   return f"{task}/{TEACHER_FORCED}/{name}"
-_EXPERT_FRACTION_KEY = "router/expert_fraction_per_layer"
 
 
 def scalars(metrics: Mapping) -> dict[str, float]:

@@ -50,5 +50,5 @@ setup(
         # --extra-index-url https://download.pytorch.org/whl/cpu to avoid CUDA.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0"],
     },
-    entry_points={"console_scripts": ["switch-jax=switch_jax.cli:main"]},
+    entry_points={"console_scripts": ["switch-jax=switch_jax.cli.main:main"]},
 )

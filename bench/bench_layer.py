@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 
 import bench_timer
-from switch_jax import dispatch, routing
+from switch_jax.model.moe import dispatch
+from switch_jax.model.moe import routing
 from switch_jax.config import get_config
-from switch_jax.switch_layer import SwitchLayer, group_layout
+from switch_jax.model.moe.switch_layer import SwitchLayer, group_layout
 
 D_MODEL, D_FF, SEQUENCE = 512, 2048, 512
 GROUP_SIZE = 8192  # ModelConfig's default: 4096 tokens are one group, 16384 two

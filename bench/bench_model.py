@@ -2,7 +2,7 @@
 
 The step is the trainer's own (`train_step.make_train_step`: loss, grads,
 Adafactor update, donated state) on a one-device mesh. Model FLOPs are
-planning.forward_flops x 3 (forward + backward) of the *dense* model plus
+analytic.forward_flops x 3 (forward + backward) of the *dense* model plus
 the Switch model's routers: the useful work, so capacity slack and padding
 count against the Switch model's utilization, not for it. The hardware
 FLOPs (every capacity slot, as planning counts them) are reported beside.
@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import bench_timer
-from switch_jax import partitioning, planning
-from switch_jax import train_step as ts
+from switch_jax import partitioning
+from switch_jax.planning import analytic
+from switch_jax.training import train_step as ts
 from switch_jax.config import ModelConfig, get_config
-from switch_jax.model import EncoderDecoder
-from switch_jax.optimizers import make_optimizer
+from switch_jax.model.encoder_decoder import EncoderDecoder
+from switch_jax.training.optimizers import make_optimizer
 
 # Base widths (d 768, d_ff 2048 GeGLU, 12 heads of 64, vocab 32128) with
 # 2 + 2 layers, so a step fits a CPU: the layer-1 FFN of each stack is a
@@ -38,8 +39,8 @@ def small_configs(num_experts: int, dtype: str) -> tuple[ModelConfig, ModelConfi
 def model_flops(config: ModelConfig, batch: int, lengths: tuple[int, int]) -> dict:
   """Forward+backward FLOPs of one step: 'model' (useful) and 'hardware'."""
   dense = config.replace(num_experts=0)
-  flops = planning.forward_flops(config, batch, *lengths)
-  useful = sum(planning.forward_flops(dense, batch, *lengths).values()) + flops["router"]
+  flops = analytic.forward_flops(config, batch, *lengths)
+  useful = sum(analytic.forward_flops(dense, batch, *lengths).values()) + flops["router"]
   return {"model": 3 * useful, "hardware": 3 * sum(flops.values())}
 
 

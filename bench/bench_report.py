@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from switch_jax.switch_layer import auto_dispatch
+from switch_jax.model.moe.switch_layer import auto_dispatch
 
 # flaxformer's MoeLayer (d 512, d_ff 2048, 4096 tokens, float32, cf 1.25,
 # fwd+bwd, one device) in dense-MLP step times, as quoted in the issue that

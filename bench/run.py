@@ -29,9 +29,9 @@ import bench_model  # noqa: E402
 import bench_timer  # noqa: E402
 import bench_torch  # noqa: E402
 import bench_report  # noqa: E402
-from switch_jax import routing  # noqa: E402
+from switch_jax.model.moe import routing  # noqa: E402
 from switch_jax.config import get_config  # noqa: E402
-from switch_jax.launch import huge_page_env  # noqa: E402
+from switch_jax.cli.launch import huge_page_env  # noqa: E402
 
 SECTIONS = ("layer", "hf", "model", "memory", "compile")
 

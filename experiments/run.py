@@ -107,10 +107,11 @@ def _load(run_dir: Path) -> dict:
 
 
 def _parameters(run_dir: Path) -> Optional[dict]:
-  from switch_jax import param_count, train_checkpoints  # pylint: disable=import-outside-toplevel
+  from switch_jax.model import param_count  # pylint: disable=import-outside-toplevel
+  from switch_jax.checkpoints import train_state  # pylint: disable=import-outside-toplevel
   from switch_jax.errors import UserError  # pylint: disable=import-outside-toplevel
   try:
-    return param_count.count_params(train_checkpoints.load_config(run_dir))
+    return param_count.count_params(train_state.load_config(run_dir))
   except UserError:  # no checkpoint (yet): the table leaves the count out
     return None
 
@@ -393,7 +394,7 @@ def run_dir(experiment: Experiment, arm: Arm, output_dir: Path) -> Path:
 
 
 def command(experiment, arm, scale, output_dir, extra) -> list[str]:
-  args = [sys.executable, "-m", "switch_jax.cli", "train"]
+  args = [sys.executable, "-m", "switch_jax.cli.main", "train"]
   if scale == "mini":
     args.append("--num_cpu_devices=1")
   args += [f"--gin_file={f}" for f in gin_files(experiment, arm, scale)]
@@ -404,7 +405,7 @@ def command(experiment, arm, scale, output_dir, extra) -> list[str]:
 def settings(experiment, arm, scale, output_dir, extra) -> dict:
   """What a run trains: its model config and run macros, parsed from gin."""
   import gin  # pylint: disable=import-outside-toplevel
-  from switch_jax import gin_config  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
   gin_config.parse(gin_files(experiment, arm, scale),
                    bindings(experiment, arm, scale, output_dir, extra))
   out = dataclasses.asdict(gin.get_configurable("ModelConfig")())

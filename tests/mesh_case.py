@@ -7,9 +7,9 @@ import numpy as np
 import optax
 
 from switch_jax import partitioning
-from switch_jax import train_step as ts
+from switch_jax.training import train_step as ts
 from switch_jax.config import get_config
-from switch_jax.model import EncoderDecoder
+from switch_jax.model.encoder_decoder import EncoderDecoder
 
 BATCH, LENGTH = 8, 8
 

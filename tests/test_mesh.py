@@ -18,9 +18,9 @@ import pytest
 
 import mesh_case
 from switch_jax import partitioning
-from switch_jax import train_step as ts
+from switch_jax.training import train_step as ts
 from switch_jax.errors import ConfigError
-from switch_jax.model import EncoderDecoder
+from switch_jax.model.encoder_decoder import EncoderDecoder
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2)]
 

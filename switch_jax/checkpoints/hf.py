@@ -39,12 +39,12 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
-from switch_jax.checkpoints import atomic_directory, check_shapes, read_json_object
+from switch_jax.checkpoints.model_format import atomic_directory, check_shapes, read_json_object
 from switch_jax.config import ModelConfig
-from switch_jax.convert.weight_files import read_weights
+from switch_jax.checkpoints.weight_files import read_weights
 from switch_jax.errors import ConfigError, UserError
-from switch_jax.layers import ffn_input_names
-from switch_jax.param_count import abstract_params
+from switch_jax.model.layers import ffn_input_names
+from switch_jax.model.param_count import abstract_params
 
 MODEL_TYPE = "switch_transformers"
 # SwitchTransformersConfig defaults (transformers 5.x) for keys a config.json omits.

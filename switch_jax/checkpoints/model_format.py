@@ -10,7 +10,7 @@ A model checkpoint (`switch-jax convert`) is a directory:
 
 A training run saves `MODEL_DIR/checkpoints/<step>/` with `params/` (the
 same tree) and `meta/` (JSON holding the model config) beside its optimizer
-state (see train_checkpoints.py). `resolve` accepts all three spellings of
+state (see train_state.py). `resolve` accepts all three spellings of
 "a model": a model checkpoint, a run's MODEL_DIR (its newest complete step,
 also through MODEL_DIR/checkpoints) and one step directory.
 """
@@ -35,7 +35,7 @@ from flax import traverse_util
 from switch_jax import __version__
 from switch_jax.config import ModelConfig
 from switch_jax.errors import UserError
-from switch_jax.param_count import abstract_params
+from switch_jax.model.param_count import abstract_params
 
 FORMAT = "switch_jax.model/1"
 CONFIG_FILE = "config.json"

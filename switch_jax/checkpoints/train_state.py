@@ -11,7 +11,7 @@ complete, so a step directory that exists is whole; the previous step is
 deleted only after the next one is finalized. Restores target the current
 mesh's shardings, so a run can resume on a different mesh shape. Reading a
 run's model (its params and config) for eval, export or fine-tuning goes
-through `checkpoints.resolve`, like any other `--checkpoint`.
+through `model_format.resolve`, like any other `--checkpoint`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from switch_jax import checkpoints
+from switch_jax.checkpoints import model_format
 from switch_jax.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class TrainCheckpointer:
   """Saves and restores a run's state under `model_dir/checkpoints`."""
 
   def __init__(self, model_dir, keep: Optional[int] = 3, async_save: bool = True):
-    self.directory = checkpoints.absolute(model_dir) / checkpoints.RUN_STEPS_DIR
+    self.directory = model_format.absolute(model_dir) / model_format.RUN_STEPS_DIR
     self._options = (keep, async_save)
     self._manager = _manager(self.directory, keep, async_save)
 
@@ -103,14 +103,14 @@ class TrainCheckpointer:
 
 
 def load_config(path) -> ModelConfig:
-  """`checkpoints.load_config`: a model checkpoint's, a run's or a step's config."""
-  return checkpoints.load_config(path)
+  """`model_format.load_config`: a model checkpoint's, a run's or a step's config."""
+  return model_format.load_config(path)
 
 
 def load_params(path, target) -> Any:
-  """`checkpoints.load_params`: parameters of whatever `checkpoints.resolve`
+  """`model_format.load_params`: parameters of whatever `model_format.resolve`
   finds at `path`, restored onto `target` (ShapeDtypeStructs with shardings)."""
-  return checkpoints.load_params(path, target)
+  return model_format.load_params(path, target)
 
 
 def abstract_like(tree, shardings):

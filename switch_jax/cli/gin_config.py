@@ -24,7 +24,7 @@ import gin
 
 from switch_jax.config import ModelConfig
 from switch_jax.errors import UserError
-from switch_jax.resources import gin_dir
+from switch_jax.cli.resources import gin_dir
 
 _REGISTERED = False
 # Macros the run files mark %gin.REQUIRED, and what to pass for each.
@@ -47,7 +47,9 @@ def register() -> None:
     return
   # Imported here: they pull in TensorFlow (data) and optax, which the
   # model-only commands never need.
-  from switch_jax import evaluation, optimizers, trainer  # pylint: disable=import-outside-toplevel
+  from switch_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  from switch_jax.training import optimizers  # pylint: disable=import-outside-toplevel
+  from switch_jax.training import trainer  # pylint: disable=import-outside-toplevel
   from switch_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   import switch_jax.tasks  # pylint: disable=import-outside-toplevel,unused-import  # its bindings
 
@@ -59,9 +61,9 @@ def register() -> None:
   gin.external_configurable(optimizers.warmup_decay, "warmup_decay_schedule")
   gin.external_configurable(trainer.CheckpointConfig, "CheckpointConfig")
   gin.external_configurable(trainer.train, "train")
-  gin.external_configurable(evaluation.evaluate, "evaluate")
-  gin.external_configurable(evaluation.infer, "infer")
-  gin.external_configurable(evaluation.InferenceEvaluator, "InferenceEvaluator")
+  gin.external_configurable(evaluator.evaluate, "evaluate")
+  gin.external_configurable(evaluator.infer, "infer")
+  gin.external_configurable(evaluator.InferenceEvaluator, "InferenceEvaluator")
   _guard_package_lookup()
   _REGISTERED = True
 

@@ -1,8 +1,8 @@
 """Command lines that launch training: here on an emulated CPU mesh, or on
 every worker of a Cloud TPU slice through `gcloud compute tpus tpu-vm`.
 
-    python -m switch_jax.launch local --dry_run --gin_file=... --model_dir=/tmp/run
-    python -m switch_jax.launch tpu --dry_run --name=my-tpu --zone=... --project=... \\
+    python -m switch_jax.cli.launch local --dry_run --gin_file=... --model_dir=/tmp/run
+    python -m switch_jax.cli.launch tpu --dry_run --name=my-tpu --zone=... --project=... \\
       --accelerator_type=v4-32 --package=dist/switch_jax-0.1.0-py3-none-any.whl \\
       --gin_file=... --model_dir=gs://bucket/run --tfds_data_dir=gs://bucket/tfds
 
@@ -311,7 +311,7 @@ def tpu_train_command(name: str, zone: str, project: str, gin_files: Sequence[st
   """`switch-jax train --distributed` on every worker: the same command on
   each host, where jax.distributed.initialize() finds the others itself.
 
-  `python -m switch_jax.cli` rather than the `switch-jax` script: pip puts
+  `python -m switch_jax.cli.main` rather than the `switch-jax` script: pip puts
   scripts in ~/.local/bin, which a non-interactive ssh command may not have
   on its PATH.
   """
@@ -319,7 +319,7 @@ def tpu_train_command(name: str, zone: str, project: str, gin_files: Sequence[st
   check_gcs_path(model_dir, "model dir")
   if tfds_data_dir is not None:
     check_gcs_path(tfds_data_dir, "TFDS data dir")
-  train = [python, "-m", "switch_jax.cli", "train", "--distributed",
+  train = [python, "-m", "switch_jax.cli.main", "train", "--distributed",
            *trainer_args(gin_files, gin_bindings, model_dir=model_dir,
                          tfds_data_dir=tfds_data_dir, extra_flags=extra_flags)]
   return tpu_ssh_command(name, zone, project, [train])
@@ -447,7 +447,7 @@ def _bindings(pairs: Sequence[str]) -> dict[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m switch_jax.launch",
+      prog="python -m switch_jax.cli.launch",
       description="Print (--dry_run) or run the commands that launch switch-jax training.")
   sub = parser.add_subparsers(dest="target", required=True)
 
@@ -534,7 +534,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise UserError("gcloud is not on PATH: install the Google Cloud CLI, or use --dry_run")
     return run_plan(steps)
   except UserError as e:
-    print(f"switch_jax.launch: error: {e}", file=sys.stderr)
+    print(f"switch_jax.cli.launch: error: {e}", file=sys.stderr)
     return 2
 
 

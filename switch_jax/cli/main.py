@@ -17,16 +17,18 @@ from switch_jax.errors import UserError
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "train": ("switch_jax.commands.train", "pretrain or fine-tune a model from gin files"),
-    "eval": ("switch_jax.commands.evaluate", "evaluate a checkpoint on a task"),
-    "infer": ("switch_jax.commands.infer", "decode a task's inputs or a text file"),
-    "score": ("switch_jax.commands.score", "sum target log-likelihoods of JSONL examples"),
-    "convert": ("switch_jax.commands.convert", "convert Hugging Face checkpoints to and from ours"),
-    "plan": ("switch_jax.commands.plan", "memory, communication and FLOPs of a config on a mesh"),
-    "tasks": ("switch_jax.commands.tasks", "list registered seqio tasks and mixtures"),
-    "vocab": ("switch_jax.commands.vocab", "train a SentencePiece vocabulary on local text"),
-    "plot": ("switch_jax.commands.plot", "plot a run's loss curve and expert load"),
-    "quickstart": ("switch_jax.commands.quickstart",
+    "train": ("switch_jax.cli.commands.train", "pretrain or fine-tune a model from gin files"),
+    "eval": ("switch_jax.cli.commands.evaluate", "evaluate a checkpoint on a task"),
+    "infer": ("switch_jax.cli.commands.infer", "decode a task's inputs or a text file"),
+    "score": ("switch_jax.cli.commands.score", "sum target log-likelihoods of JSONL examples"),
+    "convert": ("switch_jax.cli.commands.convert",
+                "convert Hugging Face checkpoints to and from ours"),
+    "plan": ("switch_jax.cli.commands.plan",
+             "memory, communication and FLOPs of a config on a mesh"),
+    "tasks": ("switch_jax.cli.commands.tasks", "list registered seqio tasks and mixtures"),
+    "vocab": ("switch_jax.cli.commands.vocab", "train a SentencePiece vocabulary on local text"),
+    "plot": ("switch_jax.cli.commands.plot", "plot a run's loss curve and expert load"),
+    "quickstart": ("switch_jax.cli.commands.quickstart",
                    "pretrain a small Switch model and its dense baseline on the embedded corpus"),
 }
 
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     sub_parser = argparse.ArgumentParser(
         prog=f"switch-jax {argv[0]}", description=commands[argv[0]][1])
     module.add_arguments(sub_parser)
-    from switch_jax.commands import gin_flags  # pylint: disable=import-outside-toplevel
+    from switch_jax.cli.commands import gin_flags  # pylint: disable=import-outside-toplevel
     try:
       # t5x-style `--gin.NAME=VALUE` and `--gin_bindings=...` become gin bindings.
       rest, bindings = gin_flags.split_gin_flags(argv[1:])

@@ -30,13 +30,16 @@ import seqio
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from switch_jax import (checkpoints, decoding, partitioning, run_logging, train_checkpoints,
-                        train_step)
+from switch_jax import partitioning, run_logging
+from switch_jax.checkpoints import model_format
+from switch_jax.evaluation import decoding
+from switch_jax.checkpoints import train_state
+from switch_jax.training import train_step
 from switch_jax.config import ModelConfig
 from switch_jax.data import pipeline, sources, vocabularies
 from switch_jax.errors import UserError
-from switch_jax.model import EncoderDecoder
-from switch_jax.param_count import abstract_params
+from switch_jax.model.encoder_decoder import EncoderDecoder
+from switch_jax.model.param_count import abstract_params
 
 EOS_ID = 1
 _BATCH_FEATURES = train_step.MODEL_INPUTS + ("decoder_loss_weights",)
@@ -45,9 +48,9 @@ _BATCH_FEATURES = train_step.MODEL_INPUTS + ("decoder_loss_weights",)
 def restore_params(checkpoint_path, model: EncoderDecoder, mesh: Mesh):
   """The checkpoint's parameters, each written straight onto its shards."""
   boxed = abstract_params(model.config)
-  target = train_checkpoints.abstract_like(nn.unbox(boxed),
+  target = train_state.abstract_like(nn.unbox(boxed),
                                            partitioning.logical_to_sharding(boxed, mesh))
-  return train_checkpoints.load_params(checkpoint_path, target)
+  return train_state.load_params(checkpoint_path, target)
 
 
 def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -343,7 +346,7 @@ def _check_decode(decode: str) -> None:
 
 def _check_checkpoint(checkpoint_path) -> None:
   """Fails before any data is read if no model is there (the one resolver)."""
-  checkpoints.resolve(checkpoint_path)
+  model_format.resolve(checkpoint_path)
 
 
 def restore_for_eval(checkpoint_path, model_config: Optional[ModelConfig] = None,
@@ -353,7 +356,7 @@ def restore_for_eval(checkpoint_path, model_config: Optional[ModelConfig] = None
   `model_config` None reads the checkpoint's, with the fields in
   `model_overrides` replaced (e.g. {"eval_capacity_factor": 4.0})."""
   _check_checkpoint(checkpoint_path)
-  config = model_config or train_checkpoints.load_config(checkpoint_path)
+  config = model_config or train_state.load_config(checkpoint_path)
   if model_overrides:
     try:
       config = config.replace(**model_overrides)
@@ -395,7 +398,7 @@ def evaluate(*, checkpoint_path: str, dataset: Optional[pipeline.DatasetConfig] 
     raise UserError("evaluate needs a dataset (e.g. --task NAME, or the gin binding "
                     "evaluate.dataset = @DatasetConfig())")
   # Resolved once: a run still training may save a newer step meanwhile.
-  source = checkpoints.resolve(checkpoint_path)
+  source = model_format.resolve(checkpoint_path)
   model, params, mesh = restore_for_eval(str(source.path), model_config, mesh_shape,
                                          dataset.batch_size, model_overrides)
   results = {"step": source.step}

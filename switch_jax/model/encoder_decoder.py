@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from switch_jax.config import ModelConfig
-from switch_jax.layers import (Embed, MlpBlock, MultiHeadAttention, RelativePositionBias, RMSNorm,
-                               activation_dtype, attention_mask, kernel_init, param,
-                               vocab_logits)
-from switch_jax.switch_layer import SwitchLayer
+from switch_jax.model.layers import (Embed, MlpBlock, MultiHeadAttention, RelativePositionBias,
+                                     RMSNorm, activation_dtype, attention_mask, kernel_init,
+                                     param, vocab_logits)
+from switch_jax.model.moe.switch_layer import SwitchLayer
 
 Array = jax.Array
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from switch_jax.config import ModelConfig
-from switch_jax.model import EncoderDecoder
+from switch_jax.model.encoder_decoder import EncoderDecoder
 
 
 def abstract_params(config: ModelConfig, batch: int = 1, length: int = 8):

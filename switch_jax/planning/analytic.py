@@ -21,10 +21,12 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 
-from switch_jax import param_count, partitioning, routing
+from switch_jax import partitioning
+from switch_jax.model import param_count
+from switch_jax.model.moe import routing
 from switch_jax.config import ModelConfig
 from switch_jax.errors import ConfigError
-from switch_jax.switch_layer import group_layout
+from switch_jax.model.moe.switch_layer import group_layout
 
 PARAM_BYTES = 4  # parameters, gradients and optimizer statistics are float32
 INT_BYTES = 4  # token ids, step and optimizer counters
@@ -495,8 +497,9 @@ def compiled_memory(config: ModelConfig, mesh_shape: Sequence[int], *, batch_siz
   """Compiles the real sharded train step on local devices from abstract
   inputs (nothing is allocated) and reads what the compiler reports."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from switch_jax import train_step as ts  # pylint: disable=import-outside-toplevel
-  from switch_jax.model import EncoderDecoder  # pylint: disable=import-outside-toplevel
+  from switch_jax.training import train_step as ts  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from switch_jax.model.encoder_decoder import EncoderDecoder
   devices = list(jax.devices() if devices is None else devices)
   shape = tuple(int(s) for s in mesh_shape)
   size = math.prod(shape) if -1 not in shape else len(devices)

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from switch_jax import losses, partitioning
+from switch_jax import partitioning
+from switch_jax.model import losses
 from switch_jax.errors import ConfigError
-from switch_jax.model import EncoderDecoder
+from switch_jax.model.encoder_decoder import EncoderDecoder
 
 Array = jax.Array
 Batch = Mapping[str, Array]

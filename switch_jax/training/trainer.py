@@ -21,12 +21,15 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from switch_jax import losses, partitioning, run_logging, train_checkpoints, transfer
-from switch_jax import train_step as ts
+from switch_jax import partitioning, run_logging
+from switch_jax.model import losses
+from switch_jax.checkpoints import train_state
+from switch_jax.training import warm_start
+from switch_jax.training import train_step as ts
 from switch_jax.config import ModelConfig
 from switch_jax.data import pipeline
 from switch_jax.errors import ConfigError, SplitNotBoundError, UserError
-from switch_jax.model import EncoderDecoder
+from switch_jax.model.encoder_decoder import EncoderDecoder
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +94,12 @@ class _Preemption:
 
 def _load_other_model(path, mesh):
   """(model, params on the mesh) of a checkpoint with its own config."""
-  config = train_checkpoints.load_config(path)
+  config = train_state.load_config(path)
   model = EncoderDecoder(config)
   boxed = _abstract_boxed(model, (1, 1))
-  target = train_checkpoints.abstract_like(nn.unbox(boxed),
+  target = train_state.abstract_like(nn.unbox(boxed),
                                            partitioning.logical_to_sharding(boxed, mesh))
-  return model, train_checkpoints.load_params(path, target)
+  return model, train_state.load_params(path, target)
 
 
 def _abstract_boxed(model: EncoderDecoder, lengths):
@@ -109,24 +112,24 @@ def _abstract_boxed(model: EncoderDecoder, lengths):
 def _initial_state(model, optimizer, mesh, shardings, abstract_state, lengths,
                    initial_checkpoint_path, initialization, seed):
   """Fresh parameters, or a checkpoint's (mapped by `initialization`, see
-  transfer.py) with a fresh optimizer."""
+  warm_start.py) with a fresh optimizer."""
   init = ts.make_init(model, optimizer, mesh, shardings, 1, lengths)
   fresh = init(jax.random.PRNGKey(seed))
   if initial_checkpoint_path is None:
     return fresh
-  if initialization not in transfer.MODES:
-    raise ConfigError(f"initialization must be one of {transfer.MODES}, got {initialization!r}")
+  if initialization not in warm_start.MODES:
+    raise ConfigError(f"initialization must be one of {warm_start.MODES}, got {initialization!r}")
   if initialization == "exact":
-    _check_compatible(train_checkpoints.load_config(initial_checkpoint_path), model.config,
+    _check_compatible(train_state.load_config(initial_checkpoint_path), model.config,
                       initial_checkpoint_path)
-    params = train_checkpoints.load_params(initial_checkpoint_path, abstract_state.params)
+    params = train_state.load_params(initial_checkpoint_path, abstract_state.params)
   else:
     _, source = _load_other_model(initial_checkpoint_path, mesh)
     if initialization == "upcycle":
-      mapping = transfer.upcycle
+      mapping = warm_start.upcycle
     else:
-      mapping = lambda src, new: transfer.copy_matching(src, new)[0]
-      copied = transfer.copy_matching(jax.eval_shape(lambda: source), fresh.params)[1]
+      mapping = lambda src, new: warm_start.copy_matching(src, new)[0]
+      copied = warm_start.copy_matching(jax.eval_shape(lambda: source), fresh.params)[1]
       print(f"Initialized {len(copied)} parameters from {initial_checkpoint_path}; the rest "
             "fresh", flush=True)
     params = jax.jit(mapping, out_shardings=shardings.params)(source, fresh.params)
@@ -177,8 +180,8 @@ def _tokens(batch: Mapping[str, np.ndarray]) -> float:
 def _evaluate(model, params, dataset, mesh, eval_steps):
   """Validation metrics over at most `eval_steps` batches of each task (a
   mixture's tasks one by one, each reported too)."""
-  from switch_jax import evaluation  # pylint: disable=import-outside-toplevel
-  return evaluation.eval_dataset_metrics(model, params, dataset, mesh=mesh,
+  from switch_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  return evaluator.eval_dataset_metrics(model, params, dataset, mesh=mesh,
                                          max_batches=eval_steps)
 
 
@@ -220,7 +223,7 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
     initialization: how its parameters map onto this model: 'exact' (same
       architecture), 'upcycle' (dense checkpoint -> Switch model, experts
       copied from the dense FFN), 'shared' (copy what matches; see
-      transfer.py).
+      warm_start.py).
     teacher_checkpoint_path: distill from this model: the token loss becomes
       (1 - teacher_weight) * cross-entropy + teacher_weight * cross-entropy
       against the teacher's predictions (Table 6: 0.25).
@@ -259,10 +262,10 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
     boxed = _abstract_boxed(model, lengths)
     tx = optimizer(learning_rate=learning_rate, boxed_params=boxed)
     shardings = ts.state_shardings(model, tx, mesh, 1, lengths)
-    abstract_state = train_checkpoints.abstract_like(
+    abstract_state = train_state.abstract_like(
         jax.eval_shape(ts.init_fn(model, tx, 1, lengths), jax.random.PRNGKey(0)), shardings)
 
-    checkpointer = train_checkpoints.TrainCheckpointer(model_dir, checkpoint.keep,
+    checkpointer = train_state.TrainCheckpointer(model_dir, checkpoint.keep,
                                                        checkpoint.async_save)
     restored = checkpointer.restore_latest(abstract_state)
     if restored is not None:
@@ -288,7 +291,7 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
     batch_sharding = partitioning.batch_sharding(mesh)
     batches = _host_batches(train_dataset, start_batch)
     logger = run_logging.MetricsLogger(model_dir, total_steps, enabled=jax.process_index() == 0)
-    evaluator = (inference_evaluator(model=model, mesh=mesh)
+    inference = (inference_evaluator(model=model, mesh=mesh)
                  if inference_evaluator is not None else None)
     rng = jax.random.PRNGKey(random_seed + 1)
     last_step = min(total_steps, stop_at_step or total_steps)
@@ -330,8 +333,8 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
           if eval_dataset is not None and (step % eval_period == 0 or step == last_step):
             summary["eval"] = {"step": step, **_evaluate(model, state.params, eval_dataset, mesh,
                                                          eval_steps)}
-            if evaluator is not None:
-              summary["eval"].update(evaluator.evaluate(state.params, step))
+            if inference is not None:
+              summary["eval"].update(inference.evaluate(state.params, step))
             logger.write(summary["eval"], prefix="eval")
           stopping = preemption.agreed(step)
           if step % checkpoint.period == 0 or step == last_step or stopping:

@@ -28,13 +28,15 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
     SwitchTransformersAttention)
 from transformers.models.t5.modeling_t5 import T5DenseGatedActDense
 
-from switch_jax import checkpoints, cli, losses
+from switch_jax.checkpoints import model_format
+from switch_jax.cli import main as cli
+from switch_jax.model import losses
 from switch_jax.config import get_config
-from switch_jax.convert import hf
+from switch_jax.checkpoints import hf
 from switch_jax.errors import UserError
-from switch_jax.layers import relative_position_bucket
-from switch_jax.model import EncoderDecoder
-from switch_jax.param_count import abstract_params
+from switch_jax.model.layers import relative_position_bucket
+from switch_jax.model.encoder_decoder import EncoderDecoder
+from switch_jax.model.param_count import abstract_params
 
 VOCAB, D, F, E = 96, 32, 64, 4
 # Right-padded batch: row 1 and 2 have padding in both inputs and targets.
@@ -102,7 +104,7 @@ def hf_dir(tmp_path_factory):
 def checkpoint(hf_dir, tmp_path_factory):
   """Our checkpoint of the capacity-2 ReLU model."""
   path = tmp_path_factory.mktemp("converted") / "ckpt"
-  checkpoints.save_model(path, *hf.load_hf_dir(hf_dir("relu", True, 2)[1]))
+  model_format.save_model(path, *hf.load_hf_dir(hf_dir("relu", True, 2)[1]))
   return path
 
 
@@ -245,8 +247,8 @@ def test_cli_convert_score_and_export(tmp_path, hf_dir, capsys):
   model, path = hf_dir("relu", True, 2)  # capacity 2: tokens are dropped
   out = tmp_path / "ckpt"
   assert cli.main(["convert", "--from", "hf", "--hf_dir", str(path), "--out", str(out)]) == 0
-  config, params = checkpoints.load_model(out)
-  assert checkpoints.load_metadata(out)["source"].startswith("hf:")
+  config, params = model_format.load_model(out)
+  assert model_format.load_metadata(out)["source"].startswith("hf:")
   _, want = hf.load_hf_dir(path)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), want)
 
@@ -388,24 +390,24 @@ def test_convert_flag_combinations(tmp_path, capsys):
 def test_checkpoint_save_and_load_errors(tmp_path):
   config = get_config("tiny_switch", vocab_size=VOCAB, num_encoder_layers=1)
   params = _random_params(config)
-  path = checkpoints.save_model(tmp_path / "m", config, params, {"source": "test"})
-  config2, params2 = checkpoints.load_model(path)
+  path = model_format.save_model(tmp_path / "m", config, params, {"source": "test"})
+  config2, params2 = model_format.load_model(path)
   assert config2 == config
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params2), params)
   with pytest.raises(UserError, match="not empty"):
-    checkpoints.save_model(path, config, params)
-  checkpoints.save_model(path, config, params, overwrite=True)
+    model_format.save_model(path, config, params)
+  model_format.save_model(path, config, params, overwrite=True)
   with pytest.raises(UserError, match="does not match its config"):  # nothing is written
-    checkpoints.save_model(tmp_path / "bad", config.replace(d_ff=2 * F), params)
+    model_format.save_model(tmp_path / "bad", config.replace(d_ff=2 * F), params)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
   (path / "config.json").write_text(config.replace(d_ff=2 * F).to_json())
   with pytest.raises(UserError, match="has shape"):
-    checkpoints.load_model(path)
+    model_format.load_model(path)
   with pytest.raises(UserError, match="does not exist"):
-    checkpoints.load_model(tmp_path / "nope")
+    model_format.load_model(tmp_path / "nope")
   (path / "config.json").unlink()
   with pytest.raises(UserError, match="no config.json"):
-    checkpoints.load_model(path)
+    model_format.load_model(path)
 
 
 @pytest.mark.parametrize("line,message", [
@@ -436,7 +438,7 @@ def trained_run(corpus, tmp_path_factory):
   import contextlib  # pylint: disable=import-outside-toplevel
   import io  # pylint: disable=import-outside-toplevel
   import gin  # pylint: disable=import-outside-toplevel
-  from switch_jax import gin_config  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
   root, vocab = corpus
   run = tmp_path_factory.mktemp("trained") / "run"
   gin_config.parse(["models/tiny_switch_relu.gin", "runs/pretrain.gin"], [
@@ -472,9 +474,9 @@ def test_a_training_run_is_a_model_for_score_and_export(trained_run, tmp_path, c
     assert cli.main(["score", "--checkpoint", str(path), "--examples", str(examples)]) == 0
     scores.append([json.loads(line)["loss"] for line in capsys.readouterr().out.splitlines()])
   assert scores[0] == scores[1] and len(scores[0]) == 3 and all(np.isfinite(scores[0]))
-  assert checkpoints.resolve(trained_run) == checkpoints.resolve(trained_run / "checkpoints") == (
-      checkpoints.resolve(step_dir)) == checkpoints.ModelSource(step_dir, 2)
-  config, params = checkpoints.load_model(trained_run)
+  assert model_format.resolve(trained_run) == model_format.resolve(trained_run / "checkpoints") == (
+      model_format.resolve(step_dir)) == model_format.ModelSource(step_dir, 2)
+  config, params = model_format.load_model(trained_run)
 
   # Export (HF capacity 64: nothing dropped) and load it in transformers.
   assert cli.main(["convert", "--to", "hf", "--checkpoint", str(step_dir), "--out",
@@ -507,11 +509,11 @@ def test_every_checkpoint_flag_has_one_resolver(trained_run, tmp_path, capsys):
   run = tmp_path / "run"
   (run / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir(parents=True)
   with pytest.raises(UserError, match=f"training run {run} has no complete checkpoint"):
-    checkpoints.resolve(run)
+    model_format.resolve(run)
   shutil.copytree(trained_run / "checkpoints" / "2", run / "checkpoints" / "2")
-  assert checkpoints.resolve(run) == checkpoints.ModelSource(run / "checkpoints" / "2", 2)
+  assert model_format.resolve(run) == model_format.ModelSource(run / "checkpoints" / "2", 2)
   with pytest.raises(UserError, match="does not exist"):
-    checkpoints.resolve(tmp_path / "nope")
+    model_format.resolve(tmp_path / "nope")
 
 
 def test_eval_and_infer_gin_files_read_a_training_run(trained_run, corpus, tmp_path, capsys):

@@ -6,10 +6,10 @@ from pathlib import Path
 import gin
 import pytest
 
-from switch_jax import gin_config
+from switch_jax.cli import gin_config
 from switch_jax.config import NAMED_CONFIGS
 from switch_jax.errors import UserError
-from switch_jax.resources import gin_dir
+from switch_jax.cli.resources import gin_dir
 
 GIN = gin_dir()
 MODEL_FILES = sorted(p.stem for p in (GIN / "models").glob("*.gin"))
@@ -134,7 +134,7 @@ def test_includes_resolve_when_the_working_directory_has_a_runs_folder(tmp_path,
 def _parser(command):
   import argparse  # pylint: disable=import-outside-toplevel
   import importlib  # pylint: disable=import-outside-toplevel
-  from switch_jax import cli  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli import main as cli  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(prog=command)
   importlib.import_module(cli.SUBCOMMANDS[command][0]).add_arguments(parser)
   return parser
@@ -154,7 +154,7 @@ def test_one_spelling_for_emulated_devices_and_the_mesh(command):
 
 def test_train_mesh_flag_overrides_the_mesh_file_and_the_error_names_the_device_flag(
     tmp_path, capsys):
-  from switch_jax import cli  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli import main as cli  # pylint: disable=import-outside-toplevel
   code = cli.main(["train", "--gin_file=models/tiny_switch.gin", "--gin_file=runs/pretrain.gin",
                    "--gin_file=mesh/cpu8.gin", "--mesh_shape=16,1,1",
                    *[f"--gin.{b.replace(' = ', '=', 1)}" for b in REQUIRED[:4]],
@@ -172,8 +172,8 @@ def test_mesh_file_without_enough_devices_names_the_flag():
 
 
 def test_gin_bindings_flag_as_in_t5x(capsys):
-  from switch_jax import cli  # pylint: disable=import-outside-toplevel
-  from switch_jax.commands import gin_flags  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli import main as cli  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli.commands import gin_flags  # pylint: disable=import-outside-toplevel
   code = cli.main(["train", "--gin_file=models/tiny_switch.gin", "--gin_file=runs/pretrain.gin",
                    "--gin_bindings=MODEL_DIR = '/tmp/x'", "--gin_bindings", "TRAIN_STEPS = 3"])
   err = capsys.readouterr().err

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from switch_jax import launch
+from switch_jax.cli import launch
 from switch_jax.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 SLICE = ["my-tpu", "--zone=us-central2-b", "--project=my-project"]
 GIN_FILES = ["models/switch_base_8.gin", "runs/pretrain.gin", "mesh/expert_parallel.gin"]
@@ -57,7 +57,7 @@ STUB_PYTHON3 = r"""#!/bin/bash
 n=$(( $(cat "$LOG_DIR/count" 2>/dev/null || echo 0) + 1 ))
 echo "$n" > "$LOG_DIR/count"
 printf '%s\0' python3 "$@" > "$LOG_DIR/$(printf %04d "$n")"
-if [[ "$*" == *switch_jax.cli* ]]; then exit "${TRAIN_RC:-0}"; fi
+if [[ "$*" == *switch_jax.cli.main* ]]; then exit "${TRAIN_RC:-0}"; fi
 """
 
 
@@ -121,7 +121,7 @@ def test_tpu_commands_for_the_sample_config_are_exact():
   assert train[:-1] == [*TPU, "ssh", *SLICE, "--worker=all"]
   assert train[-1].startswith("--command=")
   assert shlex.split(train[-1][len("--command="):]) == [
-      "python3", "-m", "switch_jax.cli", "train", "--distributed", *TRAINER_FLAGS]
+      "python3", "-m", "switch_jax.cli.main", "train", "--distributed", *TRAINER_FLAGS]
   assert launch.tpu_delete_command("my-tpu", "us-central2-b", "my-project") == [
       *TPU, "delete", *SLICE, "--quiet"]
   assert [s.role for s in _sample_plan(delete=True)] == [
@@ -175,7 +175,7 @@ def _hostile_train_command(values):
 
 
 def _intended_trainer_argv(values):
-  return ["-m", "switch_jax.cli", "train", "--distributed", "--gin_file=runs/pretrain.gin",
+  return ["-m", "switch_jax.cli.main", "train", "--distributed", "--gin_file=runs/pretrain.gin",
           f"--gin_file={values['gin_file']}",
           "--gin.MODEL_DIR=" + launch.gin_string(values["model_dir"]),
           f"--gin.MIXTURE_OR_TASK_NAME={values['MIXTURE_OR_TASK_NAME']}",
@@ -209,7 +209,7 @@ def test_dry_run_lines_run_the_planned_commands_and_nothing_else(sandbox):
   subprocess.run(["bash", "-c", script], env=env, cwd=tmp_path, check=True)
   gcloud_calls = [c for c in _calls(tmp_path) if c[0] == "gcloud"]
   assert gcloud_calls == [s.argv for s in steps]
-  trainer = [c for c in _calls(tmp_path) if "switch_jax.cli" in c][0]
+  trainer = [c for c in _calls(tmp_path) if "switch_jax.cli.main" in c][0]
   assert f"--gin.GIN_X={values['GIN_X']}" in trainer
   assert f"--tfds_data_dir={values['tfds_data_dir']}" in trainer
   assert list((tmp_path / "pwned").iterdir()) == []
@@ -270,7 +270,7 @@ def test_tpu_pod_executes_the_plan_with_argv_lists(sandbox):
       [*TPU, verb] for verb in ("describe", "create", "scp", "ssh", "ssh")]
   assert calls[4][:4] == ["python3", "-m", "pip", "uninstall"]
   assert calls[5][-1] == "./switch_jax-0.1.0-py3-none-any.whl"
-  assert calls[-1][:6] == ["python3", "-m", "switch_jax.cli", "train", "--distributed",
+  assert calls[-1][:6] == ["python3", "-m", "switch_jax.cli.main", "train", "--distributed",
                            "--gin_file=models/switch_base_8.gin"]
   assert '--gin.MODEL_DIR="gs://bkt/a\\"$(touch pwned)"' in calls[-1]
   assert "--gin.TRAIN_STEPS=7" in calls[-1] and "--gin.TRAIN_STEPS=100000" not in calls[-1]
@@ -384,7 +384,7 @@ def test_cli_reports_user_errors_on_one_line(capsys):
                       "--project=my-project", "--accelerator_type=v4-32", "--skip_install",
                       "--gin_file=runs/pretrain.gin", "--model_dir=/tmp/run"]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("switch_jax.launch: error: model dir '/tmp/run' must be on Cloud")
+  assert err.startswith("switch_jax.cli.launch: error: model dir '/tmp/run' must be on Cloud")
   assert launch.main(["local", "--dry_run", "--gin=NOEQUALS"]) == 2
   assert "expected NAME=VALUE" in capsys.readouterr().err
 

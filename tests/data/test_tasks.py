@@ -22,7 +22,7 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-from switch_jax import cli
+from switch_jax.cli import main as cli
 from switch_jax.data import corpus, pipeline, vocabularies
 from switch_jax.tasks import mc4, super_glue
 

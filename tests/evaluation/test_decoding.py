@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from switch_jax import decoding
+from switch_jax.evaluation import decoding
 from switch_jax.config import get_config
 from switch_jax.errors import ConfigError
-from switch_jax.model import EncoderDecoder
+from switch_jax.model.encoder_decoder import EncoderDecoder
 
 EOS = 1
 BATCH, ENCODER_LENGTH = 6, 8

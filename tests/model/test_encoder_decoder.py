@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from switch_jax import layers, losses
+from switch_jax.model import layers
+from switch_jax.model import losses
 from switch_jax.config import NAMED_CONFIGS, PUBLISHED_SIZES, get_config
-from switch_jax.model import EncoderDecoder
-from switch_jax.param_count import abstract_params, count_params
+from switch_jax.model.encoder_decoder import EncoderDecoder
+from switch_jax.model.param_count import abstract_params, count_params
 
 B, LE, LD = 2, 12, 8
 

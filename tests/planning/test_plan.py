@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from switch_jax import cli, param_count, planning
+from switch_jax.cli import main as cli
+from switch_jax.model import param_count
+from switch_jax.planning import analytic
 from switch_jax.config import get_config
-from switch_jax.model import EncoderDecoder
+from switch_jax.model.encoder_decoder import EncoderDecoder
 
 GIB = 2 ** 30
 # Both float32 (XLA:CPU computes bfloat16 in float32, so only float32 calibrates).
@@ -35,8 +37,8 @@ def _analytic_and_compiled(name):
   kw = dict(batch_size=BATCH, input_length=INPUT_LENGTH, target_length=TARGET_LENGTH,
             optimizer=optimizer, num_microbatches=micro)
   # The compiled step uses optax.adafactor, so compare with its factoring.
-  return (planning.plan(config, mesh, adafactor_factoring="optax", **kw),
-          planning.compiled_memory(config, mesh, **kw))
+  return (analytic.plan(config, mesh, adafactor_factoring="optax", **kw),
+          analytic.compiled_memory(config, mesh, **kw))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -84,8 +86,8 @@ def test_bfloat16_all_to_alls_are_counted_in_the_programs_dtype():
   config = get_config("tiny_switch", num_experts=8, dtype="bfloat16", num_encoder_layers=1,
                       num_decoder_layers=1, sparse_every=1, sparse_offset=0)
   kw = dict(batch_size=8, input_length=16, target_length=8, optimizer="adam")
-  plan = planning.plan(config, (1, 8, 1), **kw)
-  compiled = planning.compiled_memory(config, (1, 8, 1), **kw)
+  plan = analytic.plan(config, (1, 8, 1), **kw)
+  compiled = analytic.compiled_memory(config, (1, 8, 1), **kw)
   # encoder: 1 group of 16, C=round(2.5)=2 -> 4; decoder: S=8, C=4. bf16.
   assert plan.all_to_all_bytes == 4 * (8 * 4 * 32 * 2) * 7 // 8 * 2
   assert compiled.program_all_to_all_bytes == plan.all_to_all_bytes
@@ -135,12 +137,12 @@ def test_forward_flops_equal_the_jaxprs_matmuls(name, overrides):
   train_forward = lambda p: model.apply({"params": p}, enc, dec, deterministic=False,
                                         rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["moe"])
   expected = _matmul_flops(jax.make_jaxpr(train_forward)(params).jaxpr)
-  assert sum(planning.forward_flops(config, 4, 24, 8).values()) == expected
+  assert sum(analytic.forward_flops(config, 4, 24, 8).values()) == expected
 
 
 def test_dense_flops_are_twice_the_weights_each_token_uses():
   config, batch, le, ld = get_config("tiny_dense"), 4, 24, 8
-  flops = planning.forward_flops(config, batch, le, ld)
+  flops = analytic.forward_flops(config, batch, le, ld)
 
   def uses(path):  # tokens per sequence that multiply by this weight
     if "norm" in path or "relpos" in path:
@@ -150,7 +152,7 @@ def test_dense_flops_are_twice_the_weights_each_token_uses():
       return le
     return ld  # decoder weights and the tied embedding as the output layer
 
-  weights = sum(math.prod(leaf.shape) * uses(leaf.path) for leaf in planning.param_leaves(config))
+  weights = sum(math.prod(leaf.shape) * uses(leaf.path) for leaf in analytic.param_leaves(config))
   inner = config.num_heads * config.head_dim
   scores = 2 * 2 * inner * (le * le * 2 + (ld * ld + ld * le) * 2)  # q.k and p.v, 2+2 layers
   assert flops["attention_scores"] == batch * scores
@@ -160,8 +162,8 @@ def test_dense_flops_are_twice_the_weights_each_token_uses():
 def test_switch_flops_are_the_dense_models_plus_router_and_capacity_overcompute():
   dense, switch = get_config("tiny_dense"), get_config("tiny_switch")  # same d_ff, GeGLU
   batch, le, ld = 4, 24, 8
-  extra = (sum(planning.forward_flops(switch, batch, le, ld).values())
-           - sum(planning.forward_flops(dense, batch, le, ld).values()))
+  extra = (sum(analytic.forward_flops(switch, batch, le, ld).values())
+           - sum(analytic.forward_flops(dense, batch, le, ld).values()))
   ffn = 2 * 32 * 64 * 3  # one dense GeGLU FFN per token
   # Encoder layer 1: S=24, C=round(1.25 * 24 / 4)=8, E C / S = 4/3 FFNs per
   # token; decoder layer 1: S=8, C=max(round(2.5), 4)=4, 2 FFNs per token.
@@ -172,23 +174,23 @@ def test_switch_flops_are_the_dense_models_plus_router_and_capacity_overcompute(
 
 def test_adafactor_statistics_keep_the_expert_axis_as_a_batch_axis():
   mesh = {"data": 1, "expert": 2048, "model": 1}
-  expert = planning.ParamLeaf("wi", (2048, 2080, 6144), ("expert", "embed", "mlp"),
+  expert = analytic.ParamLeaf("wi", (2048, 2080, 6144), ("expert", "embed", "mlp"),
                               ("expert", None, None))
-  attention = planning.ParamLeaf("query", (4096, 64, 64), ("embed", "heads", "kv"),
+  attention = analytic.ParamLeaf("query", (4096, 64, 64), ("embed", "heads", "kv"),
                                  (None, None, None))
   for factoring in ("t5x", "optax"):
-    kept, _ = planning.adafactor_statistics(expert, factoring)
+    kept, _ = analytic.adafactor_statistics(expert, factoring)
     assert sum(expert.shard_elements(mesh, dims) for dims in kept) == 2080 + 6144  # E/n (d + f)
-  kept, _ = planning.adafactor_statistics(attention, "t5x")
+  kept, _ = analytic.adafactor_statistics(attention, "t5x")
   assert sum(attention.shard_elements(mesh, dims) for dims in kept) == 4096 + 64 * 64
-  kept, _ = planning.adafactor_statistics(attention, "optax")  # both small dims < 128
+  kept, _ = analytic.adafactor_statistics(attention, "optax")  # both small dims < 128
   assert sum(attention.shard_elements(mesh, dims) for dims in kept) == 4096 * 64 * 64
 
 
 def test_switch_c_2048_on_2048_chips_plans_analytically():
   # Nothing is traced or compiled for a mesh this machine cannot emulate.
   config = get_config("switch_c_2048", dtype="bfloat16")
-  plan = planning.plan(config, (1, 2048, 1), batch_size=2048, device_memory_gib=16)
+  plan = analytic.plan(config, (1, 2048, 1), batch_size=2048, device_memory_gib=16)
   counts = param_count.count_params(config)
   assert plan.num_params == counts["total"]
   assert abs(plan.num_params / 1.6e12 - 1) < 0.03
@@ -202,7 +204,7 @@ def test_switch_c_2048_on_2048_chips_plans_analytically():
   assert plan.all_to_all_bytes == 30 * 4 * 2048 * 2 * 2080 * 2 * 2047 // 2048
   assert plan.forward_flops_parts["experts"] / sum(plan.forward_flops_parts.values()) > 0.9
   assert 16 * GIB < plan.total_bytes < 32 * GIB and plan.fits is False
-  assert planning.plan(config, (1, 2048, 1), batch_size=2048, device_memory_gib=32).fits
+  assert analytic.plan(config, (1, 2048, 1), batch_size=2048, device_memory_gib=32).fits
 
 
 def _cli(capsys, *args, model=("tiny_switch", "--set", "num_experts=8")):
@@ -216,7 +218,7 @@ def test_cli_prints_the_table_and_warns_when_it_does_not_fit(capsys):
   code, out, _ = _cli(capsys, "--mesh", "1,8,1", "--optimizer", "adam",
                       "--device_memory_gib", "0.001")
   assert code == 0
-  plan = planning.plan(get_config("tiny_switch", num_experts=8), (1, 8, 1), batch_size=16,
+  plan = analytic.plan(get_config("tiny_switch", num_experts=8), (1, 8, 1), batch_size=16,
                        input_length=32, target_length=16, optimizer="adam")
   assert "parameters (float32)" in out and "DOES NOT FIT" in out
   assert f"all-to-all sent per device per step: 63.00 KiB ({plan.all_to_all_bytes:,} bytes)" in out

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from switch_jax import gin_config, losses, run_logging, train_checkpoints, transfer
+from switch_jax import run_logging
+from switch_jax.cli import gin_config
+from switch_jax.model import losses
+from switch_jax.checkpoints import train_state
+from switch_jax.training import warm_start
 from switch_jax.config import get_config
 from switch_jax.errors import ConfigError
-from switch_jax.model import EncoderDecoder
+from switch_jax.model.encoder_decoder import EncoderDecoder
 
 
 def _init(name, seed=0, **overrides):
@@ -31,7 +35,7 @@ def dense_and_switch():
 
 def test_upcycled_experts_are_copies_of_the_dense_ffn(dense_and_switch):
   dense, fresh = dense_and_switch
-  up = _flat(transfer.upcycle(dense, fresh))
+  up = _flat(warm_start.upcycle(dense, fresh))
   d, f = _flat(dense), _flat(fresh)
   for stack in ("encoder", "decoder"):
     for name in ("wi_0", "wi_1", "wo"):
@@ -50,12 +54,12 @@ def test_upcycled_experts_are_copies_of_the_dense_ffn(dense_and_switch):
 def test_upcycling_needs_a_dense_model_of_the_same_shape(dense_and_switch):
   _, fresh = dense_and_switch
   with pytest.raises(ConfigError, match="cannot upcycle"):
-    transfer.upcycle(_init("tiny_dense", d_ff=48), fresh)
+    warm_start.upcycle(_init("tiny_dense", d_ff=48), fresh)
 
 
 def test_student_takes_every_matching_teacher_weight(dense_and_switch):
   student_fresh, teacher = dense_and_switch
-  student, copied = transfer.copy_matching(teacher, student_fresh)
+  student, copied = warm_start.copy_matching(teacher, student_fresh)
   s, t, fresh = _flat(student), _flat(teacher), _flat(student_fresh)
   # The student's dense FFN where the teacher has experts keeps its own init.
   kept = sorted(set(s) - set(copied))
@@ -121,4 +125,4 @@ def test_upcycle_then_distill_back_into_a_dense_student(corpus, tmp_path, capsys
   assert len(records) == 3
   for r in records:
     assert np.isfinite(r["loss"]) and np.isfinite(r["teacher_cross_entropy"])
-  assert train_checkpoints.load_config(tmp_path / "student").num_experts == 0
+  assert train_state.load_config(tmp_path / "student").num_experts == 0

@@ -10,12 +10,13 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from switch_jax import optimizers, partitioning
-from switch_jax import train_step as ts
+from switch_jax import partitioning
+from switch_jax.training import optimizers
+from switch_jax.training import train_step as ts
 from switch_jax.config import get_config
 from switch_jax.errors import ConfigError
-from switch_jax.model import EncoderDecoder
-from switch_jax.optimizers import FactorRule
+from switch_jax.model.encoder_decoder import EncoderDecoder
+from switch_jax.training.optimizers import FactorRule
 
 BATCH, LENGTH = 8, 8
 

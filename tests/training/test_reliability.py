@@ -16,7 +16,9 @@ import gin
 import numpy as np
 import pytest
 
-from switch_jax import cli, gin_config, run_logging
+from switch_jax import run_logging
+from switch_jax.cli import main as cli
+from switch_jax.cli import gin_config
 from switch_jax.errors import UserError
 
 FILES = ["models/tiny_switch.gin", "runs/pretrain.gin", "mesh/cpu8.gin"]
@@ -73,8 +75,8 @@ def test_sigterm_saves_the_current_step_exits_zero_and_wrote_only_model_dir_and_
           *[f"--gin.{b.replace(' = ', '=', 1)}" for b in _bindings(
               corpus, tmp_path / "run", 100000, **{"CheckpointConfig.period": "100000"})]]
   env = dict(os.environ, HOME=str(home), SWITCH_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-  proc = subprocess.Popen([sys.executable, "-m", "switch_jax.cli", "train", *args], env=env,
+             TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+  proc = subprocess.Popen([sys.executable, "-m", "switch_jax.cli.main", "train", *args], env=env,
                           cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics = tmp_path / "run" / "metrics.jsonl"
   deadline = time.monotonic() + 600

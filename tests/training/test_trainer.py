@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from switch_jax import gin_config, run_logging, train_checkpoints
+from switch_jax import run_logging
+from switch_jax.cli import gin_config
+from switch_jax.checkpoints import train_state
 
 def _train_args(corpus, model_dir, steps):
   root, vocab = corpus
@@ -34,20 +36,20 @@ def _train_args(corpus, model_dir, steps):
 
 def _cli(args, **kw):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.Popen([sys.executable, "-m", "switch_jax.cli", "train", *args],
+  return subprocess.Popen([sys.executable, "-m", "switch_jax.cli.main", "train", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                           **kw)
 
 
 def _final_params(model_dir, step):
-  config = train_checkpoints.load_config(Path(model_dir) / "checkpoints" / str(step))
-  from switch_jax.param_count import abstract_params  # pylint: disable=import-outside-toplevel
+  config = train_state.load_config(Path(model_dir) / "checkpoints" / str(step))
+  from switch_jax.model.param_count import abstract_params  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   target = nn.unbox(abstract_params(config))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         target)
-  return train_checkpoints.load_params(Path(model_dir) / "checkpoints" / str(step), target)
+  return train_state.load_params(Path(model_dir) / "checkpoints" / str(step), target)
 
 
 def _kill_after_a_new_checkpoint(proc, checkpoints, rng):
@@ -112,7 +114,8 @@ def test_finetune_converted_hf_checkpoint_on_mocked_superglue(corpus, tmp_path):
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import (  # pylint: disable=import-outside-toplevel
       SwitchTransformersConfig, SwitchTransformersForConditionalGeneration)
-  from switch_jax import checkpoints, cli  # pylint: disable=import-outside-toplevel
+  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli import main as cli  # pylint: disable=import-outside-toplevel
 
   _, vocab = corpus
   torch.manual_seed(0)
@@ -125,7 +128,7 @@ def test_finetune_converted_hf_checkpoint_on_mocked_superglue(corpus, tmp_path):
   hf.save_pretrained(tmp_path / "hf")
   assert cli.main(["convert", "--from", "hf", "--hf_dir", str(tmp_path / "hf"),
                    "--out", str(tmp_path / "ckpt")]) == 0
-  config = checkpoints.load_config(tmp_path / "ckpt")
+  config = model_format.load_config(tmp_path / "ckpt")
   bindings = [f"ModelConfig.{name} = {value!r}" for name, value in dataclasses.asdict(config).items()
               if name not in ("dropout_rate", "expert_dropout_rate")]
   bindings += [
@@ -153,5 +156,5 @@ def test_finetune_converted_hf_checkpoint_on_mocked_superglue(corpus, tmp_path):
 
 
 def _final_params_from(model_checkpoint):
-  from switch_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  return checkpoints.load_model(model_checkpoint)[1]
+  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
+  return model_format.load_model(model_checkpoint)[1]

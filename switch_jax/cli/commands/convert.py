@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from switch_jax import checkpoints
+from switch_jax.checkpoints import model_format
 from switch_jax.errors import UserError
 
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="export: write a Hugging Face SwitchTransformers directory")
   parser.add_argument("--hf_dir", help="(--from hf) directory with config.json and "
                       "model.safetensors, sharded safetensors or pytorch_model.bin")
-  parser.add_argument("--checkpoint", help="(--to hf) " + checkpoints.CHECKPOINT_HELP)
+  parser.add_argument("--checkpoint", help="(--to hf) " + model_format.CHECKPOINT_HELP)
   parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
   parser.add_argument("--expert_capacity", type=int, default=None,
                       help="(--to hf) HF's per-sequence expert capacity, for models trained "
@@ -46,7 +46,7 @@ def _summary(config, params) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-  from switch_jax.convert import hf  # pylint: disable=import-outside-toplevel
+  from switch_jax.checkpoints import hf  # pylint: disable=import-outside-toplevel
   if args.source == "hf":
     if not args.hf_dir:
       raise UserError("--from hf needs --hf_dir DIR")
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     config, params = hf.load_hf_dir(args.hf_dir)
     source = hf.load_hf_config(args.hf_dir).get("_name_or_path") or str(
         Path(args.hf_dir).absolute())
-    checkpoints.save_model(args.out, config, params, metadata={"source": f"hf:{source}"},
+    model_format.save_model(args.out, config, params, metadata={"source": f"hf:{source}"},
                            overwrite=args.overwrite)
   else:
     if not args.checkpoint:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
       raise UserError("--hf_dir goes with --from hf, not --to hf")
     if args.expert_capacity is not None and args.expert_capacity <= 0:
       raise UserError(f"--expert_capacity must be positive, got {args.expert_capacity}")
-    config, params = checkpoints.load_model(args.checkpoint)
+    config, params = model_format.load_model(args.checkpoint)
     if config.ffn_activation == "geglu":
       print("note: HF's SwitchTransformers class has no gated-GELU FFN; the tensors use T5's "
             "wi_0/wi_1 names and need a gated FFN to load", file=sys.stderr)

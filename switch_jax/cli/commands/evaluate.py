@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 
-from switch_jax.commands import gin_flags
+from switch_jax.cli.commands import gin_flags
 from switch_jax.errors import UserError
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
   """The plain flags naming a checkpoint, a task and how to decode (eval, infer)."""
-  from switch_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  parser.add_argument("--checkpoint", help=checkpoints.CHECKPOINT_HELP)
+  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
+  parser.add_argument("--checkpoint", help=model_format.CHECKPOINT_HELP)
   parser.add_argument("--task", help="seqio task or mixture (`switch-jax tasks` lists them)")
   parser.add_argument("--split", default=None, help="split to read (default validation)")
   parser.add_argument("--feature_lengths", default=None,
@@ -71,7 +71,7 @@ def setup(args) -> None:
   bindings = list(getattr(args, "gin_bindings", []))
   if bindings:
     import gin  # pylint: disable=import-outside-toplevel
-    from switch_jax import gin_config  # pylint: disable=import-outside-toplevel
+    from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
     gin_config.register()
     try:
       gin.parse_config_files_and_bindings([], bindings, finalize_config=False)
@@ -106,7 +106,7 @@ def plain_kwargs(args) -> dict:
 def configured(name: str, args, kwargs: dict):
   """The function to call: gin's configurable with the files' bindings, or
   the plain function, with the plain flags' keyword arguments."""
-  from switch_jax import evaluation  # pylint: disable=import-outside-toplevel
+  from switch_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
   if args.gin_file or getattr(args, "gin_bindings", None):
     import gin  # pylint: disable=import-outside-toplevel
     # The model's config is the checkpoint's; `ModelConfig.*` bindings (say
@@ -117,7 +117,7 @@ def configured(name: str, args, kwargs: dict):
   if args.gin_file:
     fn = gin.get_configurable(name)
   else:
-    fn = getattr(evaluation, name)
+    fn = getattr(evaluator, name)
     if "checkpoint_path" not in kwargs:
       raise UserError("--checkpoint is required (or give --gin_file with "
                       "--gin.CHECKPOINT_PATH)")

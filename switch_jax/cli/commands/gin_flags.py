@@ -97,7 +97,7 @@ def setup(args) -> None:
     jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
   if args.distributed:
     jax.distributed.initialize()
-  from switch_jax import gin_config  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
   bindings = list(getattr(args, "gin_bindings", []))
   if args.tfds_data_dir:
     bindings.append(f"tfds_data_dir.path = {args.tfds_data_dir!r}")

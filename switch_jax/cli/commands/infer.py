@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from switch_jax.commands import evaluate, gin_flags
+from switch_jax.cli.commands import evaluate, gin_flags
 from switch_jax.errors import UserError
 
 

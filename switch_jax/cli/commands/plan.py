@@ -21,7 +21,7 @@ import dataclasses
 import json
 import math
 
-from switch_jax.commands import gin_flags
+from switch_jax.cli.commands import gin_flags
 from switch_jax.config import ModelConfig, get_config
 from switch_jax.errors import ConfigError, UserError
 
@@ -85,7 +85,7 @@ def _plan_args(args, **changes) -> dict:
 
 def alternatives(config: ModelConfig, plan, args) -> list[str]:
   """Changes that bring a plan that does not fit closer, with their totals."""
-  from switch_jax import planning  # pylint: disable=import-outside-toplevel
+  from switch_jax.planning import analytic  # pylint: disable=import-outside-toplevel
   data, expert, model = plan.mesh_shape
   candidates = [("--num_microbatches ", m, config, plan.mesh_shape, {"num_microbatches": m})
                 for m in (2, 4, 8, 16) if m > plan.num_microbatches]
@@ -104,7 +104,7 @@ def alternatives(config: ModelConfig, plan, args) -> list[str]:
   found = []
   for flag, value, cfg, mesh, changes in candidates:
     try:
-      other = planning.plan(cfg, mesh, **_plan_args(args, **changes))
+      other = analytic.plan(cfg, mesh, **_plan_args(args, **changes))
     except ConfigError:
       continue
     if other.total_bytes < plan.total_bytes:
@@ -187,7 +187,7 @@ def _table(name: str, config: ModelConfig, plan, compiled, analytic_optax) -> st
 def run(args) -> int:
   if args.num_cpu_devices:
     _emulate(args.num_cpu_devices)
-  from switch_jax import planning  # pylint: disable=import-outside-toplevel
+  from switch_jax.planning import analytic  # pylint: disable=import-outside-toplevel
   config = model_config(args)
   mesh = gin_flags.mesh_shape(args.mesh_shape)
   num_devices = args.num_devices
@@ -197,7 +197,7 @@ def run(args) -> int:
                       "resolve it")
     import jax  # pylint: disable=import-outside-toplevel
     num_devices = jax.device_count()
-  plan = planning.plan(config, mesh, num_devices=num_devices, **_plan_args(args))
+  plan = analytic.plan(config, mesh, num_devices=num_devices, **_plan_args(args))
   compiled = analytic_optax = None
   note = None
   if args.compile:
@@ -206,11 +206,11 @@ def run(args) -> int:
       note = (f"not compiled: the mesh needs {plan.num_devices} devices, {jax.device_count()} "
               f"are local (--num_cpu_devices {plan.num_devices} emulates them on CPU)")
     else:
-      compiled = planning.compiled_memory(
+      compiled = analytic.compiled_memory(
           config, plan.mesh_shape, batch_size=args.batch_size, input_length=args.input_length,
           target_length=args.target_length, optimizer=args.optimizer,
           num_microbatches=args.num_microbatches)
-      analytic_optax = planning.plan(config, plan.mesh_shape, adafactor_factoring="optax",
+      analytic_optax = analytic.plan(config, plan.mesh_shape, adafactor_factoring="optax",
                                      **_plan_args(args))
   warning = None
   if plan.fits is False:

@@ -1,5 +1,5 @@
 """`switch-jax plot MODEL_DIR [--out DIR]`: loss.png and expert_load.png from
-a run's metrics.jsonl (see switch_jax/plots.py); prints each file's path."""
+a run's metrics.jsonl (see switch_jax/cli/plots.py); prints each file's path."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from switch_jax import plots  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli import plots  # pylint: disable=import-outside-toplevel
   for path in plots.write_plots(args.model_dir, args.out):
     print(path)
   return 0

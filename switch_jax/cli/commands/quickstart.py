@@ -21,6 +21,6 @@ def run(args) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
-  from switch_jax import quickstart  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli import quickstart  # pylint: disable=import-outside-toplevel
   quickstart.run(args.output_dir, getattr(args, "gin_bindings", []))
   return 0

@@ -33,8 +33,8 @@ _LENGTH_MULTIPLE = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from switch_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  parser.add_argument("--checkpoint", required=True, help=checkpoints.CHECKPOINT_HELP)
+  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
+  parser.add_argument("--checkpoint", required=True, help=model_format.CHECKPOINT_HELP)
   parser.add_argument("--examples", required=True, help="JSONL file of {inputs, targets}")
   parser.add_argument("--out", help="output JSONL file (default: stdout)")
   parser.add_argument("--batch_size", type=int, default=16, help="examples per batch")
@@ -90,8 +90,9 @@ def _scorer(config):
   """A jitted `(params, inputs, decoder_inputs, targets) -> <float32>[B]` per
   config, cached so repeated scoring does not recompile."""
   import jax  # pylint: disable=import-outside-toplevel
-  from switch_jax import losses  # pylint: disable=import-outside-toplevel
-  from switch_jax.model import EncoderDecoder  # pylint: disable=import-outside-toplevel
+  from switch_jax.model import losses  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from switch_jax.model.encoder_decoder import EncoderDecoder
   model = EncoderDecoder(config)
 
   def scores(params, inputs, decoder_inputs, targets):
@@ -120,13 +121,13 @@ def score_examples(config, params, examples, batch_size: int) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-  from switch_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
   if args.batch_size <= 0:
     raise UserError(f"--batch_size must be positive, got {args.batch_size}")
   examples = read_examples(args.examples)
   if args.out and not Path(args.out).absolute().parent.is_dir():
     raise UserError(f"--out {args.out}: its directory does not exist")
-  config, params = checkpoints.load_model(args.checkpoint)
+  config, params = model_format.load_model(args.checkpoint)
   for inputs, targets, number in examples:
     top = max(max(inputs), max(targets))
     if top >= config.vocab_size:

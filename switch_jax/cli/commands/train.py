@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from switch_jax.commands import gin_flags
+from switch_jax.cli.commands import gin_flags
 
 
 def add_arguments(parser):
@@ -30,7 +30,7 @@ def run(args) -> int:
   import gin  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
 
-  from switch_jax import gin_config  # pylint: disable=import-outside-toplevel
+  from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
   train = gin.get_configurable("train")
   from etils import epath  # pylint: disable=import-outside-toplevel
   model_dir = epath.Path(gin_config.query("train.model_dir"))

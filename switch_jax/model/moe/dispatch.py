@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from switch_jax import routing
+from switch_jax.model.moe import routing
 
 Array = jax.Array
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from switch_jax.routing import RouterStats
+from switch_jax.model.moe.routing import RouterStats
 
 Array = jax.Array
 

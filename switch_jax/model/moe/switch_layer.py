@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from switch_jax import dispatch, reference, routing
+from switch_jax.model.moe import dispatch
+from switch_jax.model.moe import reference
+from switch_jax.model.moe import routing
 from switch_jax.config import ModelConfig
 from switch_jax.errors import ConfigError
-from switch_jax.layers import activation_dtype, ffn_input_names, kernel_init, param
+from switch_jax.model.layers import activation_dtype, ffn_input_names, kernel_init, param
 
 Array = jax.Array
 MOE_COLLECTION = "moe"

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from switch_jax import routing
+from switch_jax.model.moe import routing
 
 # flaxformer's / Hugging Face's golden inputs (generated under an older JAX
 # PRNG, so they are spelled out rather than regenerated).

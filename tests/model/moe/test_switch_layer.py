@@ -11,8 +11,10 @@ import pytest
 
 from switch_jax.config import get_config
 from switch_jax.errors import ConfigError
-from switch_jax import dispatch, partitioning, switch_layer
-from switch_jax.switch_layer import SwitchLayer, auto_dispatch
+from switch_jax import partitioning
+from switch_jax.model.moe import dispatch
+from switch_jax.model.moe import switch_layer
+from switch_jax.model.moe.switch_layer import SwitchLayer, auto_dispatch
 
 B, L, D = 2, 16, 32
 

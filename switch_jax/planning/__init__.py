@@ -1,0 +1,3 @@
+"""Planning a run before it starts: memory, communication and FLOPs of a
+config on a mesh, analytically and from the compiled step (`analytic`).
+"""

@@ -16,6 +16,9 @@ setup(
     description="Switch Transformers (sparse mixture-of-experts T5) in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    # An SPDX expression: setuptools >= 77 deprecates the "License ::" classifier.
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.11",
     packages=find_packages(include=["switch_jax", "switch_jax.*"])
     + ["switch_jax.tasks", "switch_jax.gin_files"],

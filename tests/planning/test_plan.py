@@ -8,17 +8,19 @@ import functools
 import json
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
 from switch_jax.cli import main as cli
 from switch_jax.model import param_count
-from switch_jax.planning import analytic
+from switch_jax.planning import analytic, compiled as compiled_step
 from switch_jax.config import get_config
 from switch_jax.model.encoder_decoder import EncoderDecoder
+from switch_jax.training import optimizers
 
-GIB = 2 ** 30
+GIB = analytic.GIB
 # Both float32 (XLA:CPU computes bfloat16 in float32, so only float32 calibrates).
 CASES = {
     "geglu_adam_1x8x1": (get_config("tiny_switch", num_experts=8), (1, 8, 1), "adam", 1),
@@ -38,7 +40,7 @@ def _analytic_and_compiled(name):
             optimizer=optimizer, num_microbatches=micro)
   # The compiled step uses optax.adafactor, so compare with its factoring.
   return (analytic.plan(config, mesh, adafactor_factoring="optax", **kw),
-          analytic.compiled_memory(config, mesh, **kw))
+          compiled_step.compiled_memory(config, mesh, **kw))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -87,7 +89,7 @@ def test_bfloat16_all_to_alls_are_counted_in_the_programs_dtype():
                       num_decoder_layers=1, sparse_every=1, sparse_offset=0)
   kw = dict(batch_size=8, input_length=16, target_length=8, optimizer="adam")
   plan = analytic.plan(config, (1, 8, 1), **kw)
-  compiled = analytic.compiled_memory(config, (1, 8, 1), **kw)
+  compiled = compiled_step.compiled_memory(config, (1, 8, 1), **kw)
   # encoder: 1 group of 16, C=round(2.5)=2 -> 4; decoder: S=8, C=4. bf16.
   assert plan.all_to_all_bytes == 4 * (8 * 4 * 32 * 2) * 7 // 8 * 2
   assert compiled.program_all_to_all_bytes == plan.all_to_all_bytes
@@ -185,6 +187,19 @@ def test_adafactor_statistics_keep_the_expert_axis_as_a_batch_axis():
   assert sum(attention.shard_elements(mesh, dims) for dims in kept) == 4096 + 64 * 64
   kept, _ = analytic.adafactor_statistics(attention, "optax")  # both small dims < 128
   assert sum(attention.shard_elements(mesh, dims) for dims in kept) == 4096 * 64 * 64
+
+
+@pytest.mark.parametrize("name", ["tiny_switch", "tiny_switch_relu"])
+def test_t5x_factoring_is_the_trainers_adafactor_state(name):
+  # The default plan counts what optimizers.make_optimizer allocates: its
+  # factor rules, placeholders, count, plus the TrainState's step.
+  config = get_config(name)
+  boxed = param_count.abstract_params(config)
+  opt = optimizers.make_optimizer("adafactor", 1e-3, boxed_params=boxed)
+  state = jax.eval_shape(opt.init, nn.unbox(boxed))
+  trainer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + 4
+  assert analytic.plan(config, (1, 1, 1), batch_size=8).optimizer_bytes == trainer_bytes
+  assert trainer_bytes == {"tiny_switch": 83896, "tiny_switch_relu": 64416}[name]
 
 
 def test_switch_c_2048_on_2048_chips_plans_analytically():

@@ -24,8 +24,8 @@ import math
 from switch_jax.cli.commands import gin_flags
 from switch_jax.config import ModelConfig, get_config
 from switch_jax.errors import ConfigError, UserError
-
-GIB = 2 ** 30
+# Importing JAX starts no backend, so --num_cpu_devices still applies after.
+from switch_jax.planning import analytic, compiled as compiled_step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +85,6 @@ def _plan_args(args, **changes) -> dict:
 
 def alternatives(config: ModelConfig, plan, args) -> list[str]:
   """Changes that bring a plan that does not fit closer, with their totals."""
-  from switch_jax.planning import analytic  # pylint: disable=import-outside-toplevel
   data, expert, model = plan.mesh_shape
   candidates = [("--num_microbatches ", m, config, plan.mesh_shape, {"num_microbatches": m})
                 for m in (2, 4, 8, 16) if m > plan.num_microbatches]
@@ -114,7 +113,7 @@ def alternatives(config: ModelConfig, plan, args) -> list[str]:
 
 
 def _size(num_bytes: float) -> str:
-  for unit, scale in (("GiB", GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+  for unit, scale in (("GiB", analytic.GIB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
     if num_bytes >= scale:
       return f"{num_bytes / scale:.2f} {unit}"
   return f"{num_bytes:.0f} B"
@@ -187,7 +186,6 @@ def _table(name: str, config: ModelConfig, plan, compiled, analytic_optax) -> st
 def run(args) -> int:
   if args.num_cpu_devices:
     _emulate(args.num_cpu_devices)
-  from switch_jax.planning import analytic  # pylint: disable=import-outside-toplevel
   config = model_config(args)
   mesh = gin_flags.mesh_shape(args.mesh_shape)
   num_devices = args.num_devices
@@ -206,7 +204,7 @@ def run(args) -> int:
       note = (f"not compiled: the mesh needs {plan.num_devices} devices, {jax.device_count()} "
               f"are local (--num_cpu_devices {plan.num_devices} emulates them on CPU)")
     else:
-      compiled = analytic.compiled_memory(
+      compiled = compiled_step.compiled_memory(
           config, plan.mesh_shape, batch_size=args.batch_size, input_length=args.input_length,
           target_length=args.target_length, optimizer=args.optimizer,
           num_microbatches=args.num_microbatches)

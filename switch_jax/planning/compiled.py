@@ -1,0 +1,159 @@
+"""The real sharded train step, compiled on local (e.g. emulated CPU)
+devices from abstract inputs: XLA's memory analysis and the all-to-alls of
+the optimized HLO and of the StableHLO handed to XLA. tests/planning/
+test_plan.py holds the analytic plan (`analytic.plan`) to these figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Sequence
+
+import jax
+
+from switch_jax import partitioning
+from switch_jax.config import ModelConfig
+from switch_jax.errors import ConfigError
+from switch_jax.planning.analytic import OPTIMIZERS
+
+
+def stand_in_optimizer(name: str):
+  """The optax optimizer the compiled step uses (Adafactor: optax's, a
+  stand-in for t5x's: second moments only, decay 0.8, factored by optax's
+  two-largest-dims rule, which `analytic.plan(adafactor_factoring="optax")`
+  counts)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  if name not in OPTIMIZERS:
+    raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+  if name == "adam":
+    return optax.adam(1e-3)
+  return optax.adafactor(learning_rate=1e-3, decay_rate=0.8, multiply_by_parameter_scale=False,
+                         momentum=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledMemory:
+  """The compiled step's per-device figures.
+
+  `param_bytes`/`optimizer_bytes` sum one device's shards of the abstract
+  sharded state (the step counter is in `optimizer_bytes`, as in `Plan`);
+  the rest is XLA's memory analysis. `all_to_all_bytes` is what each
+  device sends, read from the optimized HLO; XLA:CPU upcasts bfloat16
+  collectives to float32, so on CPU a bfloat16 model reads twice its
+  bytes there, while `program_all_to_all_bytes`, read from the StableHLO
+  handed to XLA, keeps the program's dtype (what TPU and GPU send).
+  """
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  param_bytes: int
+  optimizer_bytes: int
+  batch_bytes: int
+  num_all_to_alls: int
+  all_to_all_bytes: int
+  program_all_to_all_bytes: int
+
+  @property
+  def peak_bytes(self) -> int:
+    """Arguments, outputs not written in place of a donated input, temporaries."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  def to_dict(self) -> dict:
+    return dict(dataclasses.asdict(self), peak_bytes=self.peak_bytes)
+
+
+# Element bytes, as HLO and StableHLO spell the types.
+_ITEMSIZE = {"pred": 1, "i1": 1, "s8": 1, "i8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4,
+             "i32": 4, "u32": 4, "ui32": 4, "f64": 8, "s64": 8, "i64": 8}
+
+
+def _group_size(line: str) -> int:
+  """Participants per replica group of an HLO collective."""
+  listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+  if listed:
+    return len(listed.group(1).split(","))
+  iota = re.search(r"replica_groups=\[([\d,]+)\]<=", line)  # [groups, size]<=[devices]
+  if iota:
+    return int(iota.group(1).split(",")[-1])
+  raise ValueError(f"cannot read the replica groups of: {line[:200]}")
+
+
+def hlo_all_to_all_bytes(hlo: str) -> tuple[int, int]:
+  """(number of all-to-alls, bytes sent per device) in optimized HLO text.
+
+  XLA:CPU splits an all-to-all into a tuple of one piece per peer: the
+  pieces add up to the whole buffer, of which (n - 1)/n leaves the device.
+  """
+  count = sent = 0
+  for line in hlo.splitlines():
+    if " all-to-all(" not in line or "=" not in line:
+      continue
+    result = line.split(" all-to-all(")[0].split("=", 1)[1]
+    size = sum(_ITEMSIZE[t] * math.prod(int(x) for x in dims.split(",") if x)
+               for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", result))
+    n = _group_size(line)
+    count += 1
+    sent += size * (n - 1) // n
+  return count, sent
+
+
+def stablehlo_all_to_all_bytes(text: str, num_expert_shards: int) -> int:
+  """Bytes sent per device by the all-to-alls of StableHLO text (per-device
+  shapes inside shard_map), in the program's dtypes."""
+  n = num_expert_shards
+  return sum(math.prod(int(x) for x in dims.split("x")) * _ITEMSIZE[dtype] * (n - 1) // n
+             for dims, dtype in re.findall(r"all_to_all.*-> tensor<([\dx]+)x(\w+)>", text))
+
+
+def compiled_memory(config: ModelConfig, mesh_shape: Sequence[int], *, batch_size: int,
+                    input_length: int, target_length: int, optimizer: str = "adafactor",
+                    num_microbatches: int = 1, devices=None) -> CompiledMemory:
+  """Compiles the real sharded train step on local devices from abstract
+  inputs (nothing is allocated) and reads what the compiler reports."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from switch_jax.training import train_step as ts  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from switch_jax.model.encoder_decoder import EncoderDecoder
+  devices = list(jax.devices() if devices is None else devices)
+  shape = tuple(int(s) for s in mesh_shape)
+  size = math.prod(shape) if -1 not in shape else len(devices)
+  if size > len(devices):
+    raise ConfigError(f"mesh {shape} needs {size} devices but {len(devices)} are local; "
+                      f"emulate more CPU devices or plan without compiling")
+  shape = partitioning.resolve_mesh_shape(shape, size)
+  partitioning.check_fits(config, shape, batch_size)
+  model, opt = EncoderDecoder(config), stand_in_optimizer(optimizer)
+  mesh = partitioning.make_mesh(shape, devices[:size])
+  lengths = (input_length, target_length)
+  with jax.set_mesh(mesh):
+    shardings = ts.state_shardings(model, opt, mesh, batch_size, lengths)
+    abstract = jax.eval_shape(ts.init_fn(model, opt, batch_size, lengths), jax.random.PRNGKey(0))
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, shardings)
+    tokens = partitioning.batch_sharding(mesh)
+    batch = {name: jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=tokens)
+             for name, length in (("encoder_input_tokens", input_length),
+                                  ("decoder_input_tokens", target_length),
+                                  ("decoder_target_tokens", target_length))}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=partitioning.replicated(mesh))
+    step = ts.make_train_step(model, opt, mesh, shardings, num_microbatches=num_microbatches)
+    lowered = step.lower(state, batch, rng)
+    compiled = lowered.compile()
+  shard_bytes = lambda tree: sum(
+      math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  stats = compiled.memory_analysis()
+  count, sent = hlo_all_to_all_bytes(compiled.as_text())
+  # With microbatches every all-to-all sits in the scan's body, which the
+  # HLO lists once and runs `num_microbatches` times.
+  return CompiledMemory(
+      argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
+      alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
+      param_bytes=shard_bytes(state.params),
+      optimizer_bytes=shard_bytes(state.opt_state) + shard_bytes(state.step),
+      batch_bytes=shard_bytes(batch), num_all_to_alls=count,
+      all_to_all_bytes=sent * num_microbatches,
+      program_all_to_all_bytes=num_microbatches * stablehlo_all_to_all_bytes(
+          lowered.as_text(), shape[1]))

@@ -67,17 +67,20 @@ class DatasetConfig:
 
 
 def get_mixture_or_task(name: str):
-  """The registered task or mixture; a `UserError` naming close matches if unknown."""
-  import switch_jax.tasks  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  """The registered task or mixture; a `UserError` naming close matches if unknown.
 
+  Reads seqio's registry and fills nothing in it: the data layer lies below
+  the tasks, so whoever names our tasks imports `switch_jax.tasks` first (the
+  trainer, the evaluation and the CLI do).
+  """
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError:
     known = seqio.TaskRegistry.names() | seqio.MixtureRegistry.names()
     close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise UserError(f"no task or mixture named {name!r}{hint} "
-                    "(`switch-jax tasks` lists them)") from None
+    raise UserError(f"no task or mixture named {name!r}{hint} (`switch-jax tasks` lists "
+                    "them; from Python, `import switch_jax.tasks` registers them)") from None
 
 
 def _leaf_tasks(provider) -> list[seqio.Task]:

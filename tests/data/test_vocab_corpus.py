@@ -10,6 +10,7 @@ import seqio
 from sentencepiece import sentencepiece_model_pb2
 
 from switch_jax.data import corpus, pipeline, vocabularies
+import switch_jax.tasks  # noqa: F401  registers the embedded_* tasks the batches name
 from switch_jax.errors import UserError
 
 SOURCE = b'''"""Module doc with enough words here."""

@@ -11,7 +11,8 @@ complete, so a step directory that exists is whole; the previous step is
 deleted only after the next one is finalized. Restores target the current
 mesh's shardings, so a run can resume on a different mesh shape. Reading a
 run's model (its params and config) for eval, export or fine-tuning goes
-through `model_format.resolve`, like any other `--checkpoint`.
+through `model_format` (`load_config`, `load_params`, `resolve`), like any
+other `--checkpoint`.
 """
 
 from __future__ import annotations
@@ -100,17 +101,6 @@ class TrainCheckpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
-
-
-def load_config(path) -> ModelConfig:
-  """`model_format.load_config`: a model checkpoint's, a run's or a step's config."""
-  return model_format.load_config(path)
-
-
-def load_params(path, target) -> Any:
-  """`model_format.load_params`: parameters of whatever `model_format.resolve`
-  finds at `path`, restored onto `target` (ShapeDtypeStructs with shardings)."""
-  return model_format.load_params(path, target)
 
 
 def abstract_like(tree, shardings):

@@ -38,6 +38,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import save_file
 
 from switch_jax.checkpoints.model_format import atomic_directory, check_shapes, read_json_object
 from switch_jax.config import ModelConfig
@@ -370,7 +371,6 @@ def load_hf_dir(directory) -> tuple[ModelConfig, dict]:
 def save_hf_dir(directory, config: ModelConfig, params: Any, *,
                 expert_capacity: Optional[int] = None, overwrite: bool = False) -> Path:
   """Writes config.json and model.safetensors atomically (nothing on error)."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   hf_config = config_to_hf(config, expert_capacity)
   tensors = params_to_hf(params, config)
   with atomic_directory(directory, overwrite) as tmp:

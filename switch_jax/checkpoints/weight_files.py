@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 
 from switch_jax.errors import UserError
 
@@ -49,7 +50,6 @@ def read_weights(directory) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   try:
     with safe_open(str(file), framework="numpy") as f:
       return {key: f.get_tensor(key) for key in f.keys()}
@@ -59,7 +59,7 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
 
 
 def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
-  try:
+  try:  # PyTorch is optional: only pytorch_model.bin files need it
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise UserError(f"{file}: reading pytorch_model.bin needs PyTorch (pip install torch); "

@@ -17,7 +17,9 @@ import math
 import sys
 from pathlib import Path
 
-from switch_jax.checkpoints import model_format
+import jax
+
+from switch_jax.checkpoints import hf, model_format
 from switch_jax.errors import UserError
 
 
@@ -38,7 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _summary(config, params) -> str:
-  import jax  # pylint: disable=import-outside-toplevel
   total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   experts = f", {config.num_experts} experts" if config.is_moe else ""
   return (f"{total:,} parameters, d_model {config.d_model}, {config.num_encoder_layers}+"
@@ -46,7 +47,6 @@ def _summary(config, params) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-  from switch_jax.checkpoints import hf  # pylint: disable=import-outside-toplevel
   if args.source == "hf":
     if not args.hf_dir:
       raise UserError("--from hf needs --hf_dir DIR")

@@ -92,6 +92,8 @@ def setup(args) -> None:
   Must run before anything touches a JAX backend.
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # JAX, TensorFlow and the gin configurables load only once the flags parse, and
+  # after the log level above: `--help` and flag errors stay fast and quiet.
   import jax  # pylint: disable=import-outside-toplevel
   if args.num_cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)

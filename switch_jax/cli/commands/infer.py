@@ -54,6 +54,7 @@ def run(args) -> int:
     if not args.task and not args.input_file:
       raise UserError("give --task NAME or --input_file FILE (with --vocab PATH|byte)")
   lines = evaluate.configured("infer", args, kwargs)
+  # JAX is first imported by gin_flags.setup, after the flags are checked.
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
     print(f"wrote {lines} predictions to {kwargs.get('output_file', 'the output file')}")

@@ -12,6 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  # matplotlib loads only once the flags parse: `--help` stays fast.
   from switch_jax.cli import plots  # pylint: disable=import-outside-toplevel
   for path in plots.write_plots(args.model_dir, args.out):
     print(path)

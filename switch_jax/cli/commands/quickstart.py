@@ -19,6 +19,7 @@ def add_arguments(parser):
 
 def run(args) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # JAX and TensorFlow load only once the flags parse and the log level is set.
   import jax  # pylint: disable=import-outside-toplevel
   jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
   from switch_jax.cli import quickstart  # pylint: disable=import-outside-toplevel

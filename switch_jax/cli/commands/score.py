@@ -25,15 +25,18 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from switch_jax.checkpoints import model_format
 from switch_jax.errors import UserError
+from switch_jax.model import losses
+from switch_jax.model.encoder_decoder import EncoderDecoder
 
 _LENGTH_MULTIPLE = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
   parser.add_argument("--checkpoint", required=True, help=model_format.CHECKPOINT_HELP)
   parser.add_argument("--examples", required=True, help="JSONL file of {inputs, targets}")
   parser.add_argument("--out", help="output JSONL file (default: stdout)")
@@ -89,10 +92,6 @@ def _pad(rows: list[list[int]], batch: int, length: int) -> np.ndarray:
 def _scorer(config):
   """A jitted `(params, inputs, decoder_inputs, targets) -> <float32>[B]` per
   config, cached so repeated scoring does not recompile."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from switch_jax.model import losses  # pylint: disable=import-outside-toplevel
-  # pylint: disable-next=import-outside-toplevel
-  from switch_jax.model.encoder_decoder import EncoderDecoder
   model = EncoderDecoder(config)
 
   def scores(params, inputs, decoder_inputs, targets):
@@ -121,7 +120,6 @@ def score_examples(config, params, examples, batch_size: int) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
   if args.batch_size <= 0:
     raise UserError(f"--batch_size must be positive, got {args.batch_size}")
   examples = read_examples(args.examples)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import re
 
+import gin
+
 from switch_jax.errors import UserError
 
 
@@ -22,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tfds_data_dir", default=None,
                       help="TFDS data directory for --check (default: gin, $TFDS_DATA_DIR, "
                            "~/tensorflow_datasets)")
+
+
+# seqio, TensorFlow and the task registry load only in `run`'s calls, once the
+# flags parse: `switch-jax tasks --help` stays fast.
 
 
 def _describe_source(task) -> str:
@@ -56,7 +62,6 @@ def _apply_gin_bindings(bindings) -> None:
   """`--gin.local_files.train='...'` and the like, so --check sees them."""
   if not bindings:
     return
-  import gin  # pylint: disable=import-outside-toplevel
   try:
     gin.parse_config(bindings)
   except (ValueError, SyntaxError) as e:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 
+import gin
+from etils import epath
+
 from switch_jax.cli.commands import gin_flags
 
 
@@ -27,12 +30,10 @@ def run(args) -> int:
     args.gin_bindings = [*args.gin_bindings,
                          f"MESH_SHAPE = {gin_flags.mesh_shape(args.mesh_shape)}"]
   gin_flags.setup(args)
-  import gin  # pylint: disable=import-outside-toplevel
+  # JAX and the gin configurables load in gin_flags.setup, after the flags are checked.
   import jax  # pylint: disable=import-outside-toplevel
-
   from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
   train = gin.get_configurable("train")
-  from etils import epath  # pylint: disable=import-outside-toplevel
   model_dir = epath.Path(gin_config.query("train.model_dir"))
   summary = train(run_config=gin.config_str())
   if jax.process_index() == 0:

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  # pylint: disable=import-outside-toplevel
+  # TensorFlow and SentencePiece load only once the flags parse: `--help` stays fast.
+  # pylint: disable-next=import-outside-toplevel
   from switch_jax.data import corpus, sources, vocabularies
 
   start = time.time()

@@ -5,6 +5,14 @@ and returns `{name: value}` in percent, T5's reporting convention. A
 prediction that matched no label is class -1 and counts as wrong, the way
 T5's metrics (t5/evaluation/metrics.py) count it: binary F1 scores it as
 the opposite of its target, Matthews correlation as a class of its own.
+
+The definitions follow T5's published code (Apache-2.0) in
+`t5.evaluation.metrics`: `accuracy`, `f1_score_with_invalid`,
+`mean_multiclass_f1`, `pearson_corrcoef`, `spearman_corrcoef`,
+`multirc_f1_over_all_answers`, `mean_group_metric(all_match)` (our
+`exact_match_by_group`), `squad` with `t5.evaluation.qa_utils` (answer
+normalization, token F1) and `deduplicate_metric(squad)` for ReCoRD;
+Matthews correlation is sklearn's, which T5's GLUE tasks wrap.
 """
 
 from __future__ import annotations

@@ -8,6 +8,13 @@ objectives that use them (span corruption, iid denoising, prefix LM) live in
 Conventions (T5's): a noise mask is `<bool>[L]`, True where the token is
 hidden from the encoder; sentinel k is id `vocab_size - 1 - k`, so the
 vocabulary must reserve its top ids (the 100 "extra ids") for sentinels.
+
+The algorithms follow T5's published code (Apache-2.0), function for function
+in `t5.data.preprocessors`: `random_spans_helper` (our
+`span_corruption_lengths`), `random_spans_noise_mask`, `iid_noise_mask`,
+`random_prefix_noise_mask`, `noise_span_to_unique_sentinel`,
+`nonnoise_span_to_unique_sentinel`, `drop_noise_tokens` and
+`drop_nonnoise_tokens`.
 """
 
 from __future__ import annotations

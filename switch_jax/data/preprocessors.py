@@ -13,6 +13,11 @@ separators, cut the stream into fixed-size pieces, then corrupt each piece:
 `objective_preprocessors(...)` gives a task's whole preprocessor chain.
 Every random choice is stateless and seeded by seqio, so a pipeline under a
 fixed seed is reproducible.
+
+The recipe follows T5's published code (Apache-2.0) in
+`t5.data.preprocessors`: `select_random_chunk`, `reduce_concat_tokens`,
+`split_tokens`, `denoise`, `span_corruption`, `iid_denoising` and
+`prefix_lm`; the noise masks are in `noise.py`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ jit.
 Step convention (t5x and optax agree): a step counts the updates already
 applied, so the first update is step 0 and sees `schedule(0)` and the
 second-moment decay `1 - (0 + 1)^-0.8 = 0`, i.e. no history yet.
+
+The factoring follows t5x's published code (Apache-2.0) in `t5x.adafactor`:
+`LOGICAL_FACTOR_DIMS` plays the part of `standard_logical_factor_rules` and
+its `FactorDim` roles (batch, row, column, none), and the factored update
+that of `Adafactor.apply_param_gradient`.
 """
 
 from __future__ import annotations

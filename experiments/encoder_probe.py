@@ -40,7 +40,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--batches", type=int, default=8)
   parser.add_argument("--batch_size", type=int, default=32)
   args = parser.parse_args(argv)
-  from switch_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from switch_jax.evaluation import restore, teacher_forced
   from switch_jax.checkpoints import train_state  # pylint: disable=import-outside-toplevel
   from switch_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   inputs, targets = (int(n) for n in args.lengths.split(","))
@@ -50,9 +51,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   batches = [b for _, b in zip(range(args.batches), pipeline.get_eval_batches(dataset))]
   for run_dir in args.runs:
     config = train_state.load_config(run_dir)
-    model, params, mesh = evaluator.restore_for_eval(run_dir, config, (1, 1, 1))
-    real, swapped = (evaluator.eval_metrics(model, params, iter(b), mesh=mesh,
-                                             batch_size=args.batch_size)["cross_entropy"]
+    model, params, mesh = restore.restore_for_eval(run_dir, config, (1, 1, 1))
+    real, swapped = (teacher_forced.eval_metrics(model, params, iter(b), mesh=mesh,
+                                                  batch_size=args.batch_size)["cross_entropy"]
                      for b in (batches, [swap_inputs(b) for b in batches]))
     print(f"{run_dir}: validation CE {real:.5f} with its inputs, {swapped:.5f} with another "
           f"example's ({swapped - real:+.5f})", flush=True)

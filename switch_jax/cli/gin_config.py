@@ -47,7 +47,7 @@ def register() -> None:
     return
   # Imported here: they pull in TensorFlow (data) and optax, which the
   # model-only commands never need.
-  from switch_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  from switch_jax.evaluation import evaluator, inference  # pylint: disable=import-outside-toplevel
   from switch_jax.training import optimizers  # pylint: disable=import-outside-toplevel
   from switch_jax.training import trainer  # pylint: disable=import-outside-toplevel
   from switch_jax.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -62,7 +62,7 @@ def register() -> None:
   gin.external_configurable(trainer.CheckpointConfig, "CheckpointConfig")
   gin.external_configurable(trainer.train, "train")
   gin.external_configurable(evaluator.evaluate, "evaluate")
-  gin.external_configurable(evaluator.infer, "infer")
+  gin.external_configurable(inference.infer, "infer")
   gin.external_configurable(evaluator.InferenceEvaluator, "InferenceEvaluator")
   _guard_package_lookup()
   _REGISTERED = True

@@ -19,7 +19,7 @@ import numpy as np
 
 from switch_jax import run_logging
 from switch_jax.evaluation import decoding
-from switch_jax.evaluation import evaluator
+from switch_jax.evaluation import inference, restore, teacher_forced
 from switch_jax.cli import gin_config
 from switch_jax.cli import plots as plotting
 from switch_jax.data import corpus, pipeline
@@ -54,7 +54,7 @@ def _validation_set(batch_size=None) -> pipeline.DatasetConfig:
 def _restore(model_dir: Path, model_file: str, bindings: Sequence[str], mesh_shape=None):
   gin_config.parse([model_file, RUN_FILE], [f"MODEL_DIR = {str(model_dir)!r}", *bindings])
   model_config = gin.get_configurable("ModelConfig")()
-  return evaluator.restore_for_eval(model_dir, model_config,
+  return restore.restore_for_eval(model_dir, model_config,
                                      mesh_shape or gin_config.query("train.mesh_shape"))
 
 
@@ -62,8 +62,8 @@ def validation_loss(model_dir: Path, model_file: str, bindings: Sequence[str]) -
   """Loss and accuracy over the whole validation split, eval mode."""
   model, params, mesh = _restore(model_dir, model_file, bindings)
   dataset = _validation_set()
-  return evaluator.eval_metrics(model, params, pipeline.get_eval_batches(dataset), mesh=mesh,
-                                 batch_size=dataset.batch_size)
+  return teacher_forced.eval_metrics(model, params, pipeline.get_eval_batches(dataset),
+                                     mesh=mesh, batch_size=dataset.batch_size)
 
 
 def decoded_sample(model_dir: Path, model_file: str, bindings: Sequence[str]) -> dict:
@@ -75,7 +75,7 @@ def decoded_sample(model_dir: Path, model_file: str, bindings: Sequence[str]) ->
   vocab = pipeline.get_mixture_or_task(dataset.mixture_or_task_name).output_features[
       "targets"].vocabulary
   tokens = decoding.predict(model, params, {k: v[:1] for k, v in batch.items()}, method="greedy")
-  text = lambda ids: vocab.decode([int(t) for t in evaluator.strip_after_eos(ids)])
+  text = lambda ids: vocab.decode([int(t) for t in inference.strip_after_eos(ids)])
   return {"input": text(batch["encoder_input_tokens"][0]),
           "target": text(batch["decoder_target_tokens"][0]),
           "prediction": text(np.asarray(tokens)[0])}

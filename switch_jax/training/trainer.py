@@ -180,9 +180,9 @@ def _tokens(batch: Mapping[str, np.ndarray]) -> float:
 def _evaluate(model, params, dataset, mesh, eval_steps):
   """Validation metrics over at most `eval_steps` batches of each task (a
   mixture's tasks one by one, each reported too)."""
-  from switch_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
-  return evaluator.eval_dataset_metrics(model, params, dataset, mesh=mesh,
-                                         max_batches=eval_steps)
+  from switch_jax.evaluation import teacher_forced  # pylint: disable=import-outside-toplevel
+  return teacher_forced.eval_dataset_metrics(model, params, dataset, mesh=mesh,
+                                              max_batches=eval_steps)
 
 
 def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.DatasetConfig,

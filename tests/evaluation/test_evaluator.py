@@ -26,7 +26,7 @@ from switch_jax import partitioning
 from switch_jax.checkpoints import model_format
 from switch_jax.cli import main as cli
 from switch_jax.evaluation import decoding
-from switch_jax.evaluation import evaluator
+from switch_jax.evaluation import evaluator, inference, teacher_forced
 from switch_jax.model import losses
 from switch_jax.cli import plots
 from switch_jax.config import get_config
@@ -67,14 +67,14 @@ def _random_params(config, seed=0):
     return (rng.standard_normal(leaf.shape) * std).astype(np.float32)
 
   params = jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_params(config)))
-  params["token_embedder"]["embedding"][evaluator.EOS_ID] *= 3.0
+  params["token_embedder"]["embedding"][inference.EOS_ID] *= 3.0
   return params
 
 
 def _encode(texts, length=LENGTHS["inputs"]):
   out = np.zeros((len(texts), length), np.int32)
   for i, text in enumerate(texts):
-    ids = VOCAB.encode(text)[:length - 1] + [evaluator.EOS_ID]
+    ids = VOCAB.encode(text)[:length - 1] + [inference.EOS_ID]
     out[i, :len(ids)] = ids
   return out
 
@@ -91,7 +91,7 @@ def setup(tmp_path_factory):
   reference = np.asarray(decoding.predict(
       model, params, {"encoder_input_tokens": _encode(TASK_INPUTS + FILE_INPUTS)},
       max_decode_length=LENGTHS["targets"]))
-  ended = (reference == evaluator.EOS_ID).any(axis=1)
+  ended = (reference == inference.EOS_ID).any(axis=1)
   assert ended.any() and not ended.all(), "the weights should end some rows early, not all"
   predictions = [VOCAB.decode(row.tolist()) for row in reference]
   _TARGETS[:] = [predictions[i] if i in MATCHED else f"not {predictions[i]}"
@@ -135,12 +135,12 @@ def test_eval_metrics_equal_direct_computation_with_a_padded_last_batch(setup):
   # first 6 targets are the greedy outputs, which teacher forcing predicts.
   inputs = TASK_INPUTS + FILE_INPUTS + ["extra", "another one"]
   rng = np.random.default_rng(1)
-  targets = [evaluator.strip_after_eos(r) for r in setup["reference"][:6]]
+  targets = [inference.strip_after_eos(r) for r in setup["reference"][:6]]
   targets += [list(rng.integers(3, 259, n)) for n in (6, 3, 1, 5, 2)]
   full = _batch(inputs, targets)
   batches = [{k: v[:8] for k, v in full.items()}, {k: v[8:] for k, v in full.items()}]
 
-  results = evaluator.eval_metrics(setup["model"], setup["sharded"], batches,
+  results = teacher_forced.eval_metrics(setup["model"], setup["sharded"], batches,
                                     mesh=setup["mesh"], batch_size=BATCH)
 
   # One unsharded call on all 11 rows (jitted: eager Flax is slower than compiling).
@@ -162,10 +162,10 @@ def test_eval_metrics_equal_direct_computation_with_a_padded_last_batch(setup):
 
 
 def test_inference_evaluator_scores_the_decoded_predictions(setup):
-  inference = evaluator.InferenceEvaluator(
+  task_evaluator = evaluator.InferenceEvaluator(
       setup["model"], TASK, mesh=setup["mesh"], batch_size=BATCH, task_feature_lengths=LENGTHS)
-  assert [t.name for t in inference.eval_tasks] == [TASK]
-  results = inference.evaluate(setup["sharded"], step=7)
+  assert [t.name for t in task_evaluator.eval_tasks] == [TASK]
+  results = task_evaluator.evaluate(setup["sharded"], step=7)
   expected = _expected_task_metrics(setup["predictions"])
   assert results.keys() == expected.keys()
   for name, value in expected.items():
@@ -189,12 +189,12 @@ def test_inference_evaluator_reads_tfds_mock_data(setup):
       with pytest.raises(KeyError, match="splits"):
         seqio.Evaluator("super_glue_rte_v102", seqio.EncDecFeatureConverter(pack=False),
                         sequence_length=LENGTHS)
-      inference = evaluator.InferenceEvaluator(
+      task_evaluator = evaluator.InferenceEvaluator(
           setup["model"], "super_glue_rte_v102", mesh=setup["mesh"], batch_size=BATCH,
           task_feature_lengths=LENGTHS)
     # Read outside the mock: the examples were cached when it was built. A
     # random model never spells "entailment" or "not_entailment".
-    assert inference.evaluate(setup["sharded"]) == {"super_glue_rte_v102/accuracy": 0.0}
+    assert task_evaluator.evaluate(setup["sharded"]) == {"super_glue_rte_v102/accuracy": 0.0}
   finally:
     gin.bind_parameter("c4_vocabulary_path.path", vocabularies.C4_VOCAB_PATH)
 
@@ -203,7 +203,7 @@ def _check_jsonl(path, setup):
   records = [json.loads(line) for line in path.read_text().splitlines()]
   assert [r["input"] for r in records] == FILE_INPUTS
   reference = setup["reference"][len(TASK_INPUTS):]
-  assert [r["tokens"] for r in records] == [evaluator.strip_after_eos(r) for r in reference]
+  assert [r["tokens"] for r in records] == [inference.strip_after_eos(r) for r in reference]
   assert [r["prediction"] for r in records] == setup["predictions"][len(TASK_INPUTS):]
 
 
@@ -211,7 +211,7 @@ def test_infer_on_a_text_file_matches_decoding_predict(setup, tmp_path):
   inputs = tmp_path / "inputs.txt"
   inputs.write_text("\n".join(FILE_INPUTS) + "\n")
   out = tmp_path / "out" / "predictions.jsonl"
-  written = evaluator.infer(checkpoint_path=str(setup["checkpoint"]), output_file=str(out),
+  written = inference.infer(checkpoint_path=str(setup["checkpoint"]), output_file=str(out),
                              input_file=str(inputs), vocabulary="byte", mesh_shape=MESH_SHAPE,
                              batch_size=BATCH, max_decode_length=LENGTHS["targets"])
   assert written == 3
@@ -385,7 +385,7 @@ def test_train_and_eval_record_the_same_metric_names(setup):
   metrics = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   train = set(run_logging.to_record(1, metrics, learning_rate=0.1, tokens=1.0,
                                     seconds_per_step=1.0))
-  evaluated = set(evaluator.eval_metrics(setup["model"], setup["sharded"], [batch],
+  evaluated = set(teacher_forced.eval_metrics(setup["model"], setup["sharded"], [batch],
                                           mesh=setup["mesh"], batch_size=BATCH))
   shared = {"loss", "cross_entropy", "output_z_loss", "accuracy", "router_aux_loss",
             "router_z_loss", "router_aux_loss_unscaled", "router_z_loss_unscaled",
@@ -397,11 +397,11 @@ def test_train_and_eval_record_the_same_metric_names(setup):
 
 
 def test_strip_after_eos_keeps_tokens_through_eos_without_padding():
-  assert evaluator.strip_after_eos(np.array([5, 1, 0, 0])) == [5, 1]
-  assert evaluator.strip_after_eos([5, 1, 7, 1]) == [5, 1]
-  assert evaluator.strip_after_eos([5, 0, 6]) == [5, 0, 6]
-  assert evaluator.strip_after_eos([5, 6, 0, 0]) == [5, 6]
-  assert evaluator.strip_after_eos([0, 0]) == []
+  assert inference.strip_after_eos(np.array([5, 1, 0, 0])) == [5, 1]
+  assert inference.strip_after_eos([5, 1, 7, 1]) == [5, 1]
+  assert inference.strip_after_eos([5, 0, 6]) == [5, 0, 6]
+  assert inference.strip_after_eos([5, 6, 0, 0]) == [5, 6]
+  assert inference.strip_after_eos([0, 0]) == []
 
 
 def _png_size(path):

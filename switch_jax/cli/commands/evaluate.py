@@ -106,7 +106,7 @@ def plain_kwargs(args) -> dict:
 def configured(name: str, args, kwargs: dict):
   """The function to call: gin's configurable with the files' bindings, or
   the plain function, with the plain flags' keyword arguments."""
-  from switch_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  from switch_jax.evaluation import evaluator, inference  # pylint: disable=import-outside-toplevel
   if args.gin_file or getattr(args, "gin_bindings", None):
     import gin  # pylint: disable=import-outside-toplevel
     # The model's config is the checkpoint's; `ModelConfig.*` bindings (say
@@ -117,7 +117,7 @@ def configured(name: str, args, kwargs: dict):
   if args.gin_file:
     fn = gin.get_configurable(name)
   else:
-    fn = getattr(evaluator, name)
+    fn = {"evaluate": evaluator.evaluate, "infer": inference.infer}[name]
     if "checkpoint_path" not in kwargs:
       raise UserError("--checkpoint is required (or give --gin_file with "
                       "--gin.CHECKPOINT_PATH)")

@@ -15,8 +15,8 @@
 #   TFDS_DATA_DIR  where TFDS datasets are prepared (optional)
 #   OUTPUT_DIR     the quickstart's output folder (default runs/quickstart)
 #   DRY_RUN=1      print the command instead of running it (or pass --dry_run)
-#   PYTHON         the Python that runs switch_jax.cli.launch (default python3)
-# Arguments are passed on to `python -m switch_jax.cli.launch local`.
+#   PYTHON         the Python that runs `switch-jax launch` (default python3)
+# Arguments are passed on to `switch-jax launch local`.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,4 +49,4 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   args+=(--dry_run)
 fi
 
-exec "${PYTHON:-python3}" -m switch_jax.cli.launch "${args[@]}" "$@"
+exec "${PYTHON:-python3}" -m switch_jax.cli.main launch "${args[@]}" "$@"

@@ -21,8 +21,8 @@
 #   SKIP_INSTALL=1    the workers already have the package
 #   DELETE=1          delete the slice after training
 #   DRY_RUN           1 (the default): print the commands; 0: run them
-#   PYTHON            the local Python that runs switch_jax.cli.launch (default python3)
-# Arguments are passed on to `python -m switch_jax.cli.launch tpu`, e.g.
+#   PYTHON            the local Python that runs `switch-jax launch` (default python3)
+# Arguments are passed on to `switch-jax launch tpu`, e.g.
 #   --gin TRAIN_STEPS=100000 --gin 'MIXTURE_OR_TASK_NAME="c4_span_corruption"'
 set -euo pipefail
 
@@ -77,4 +77,4 @@ if [[ "${DRY_RUN:-1}" != 0 ]]; then
   args+=(--dry_run)
 fi
 
-exec "${PYTHON:-python3}" -m switch_jax.cli.launch "${args[@]}" "$@"
+exec "${PYTHON:-python3}" -m switch_jax.cli.main launch "${args[@]}" "$@"

@@ -1,8 +1,9 @@
 """Command lines that launch training: here on an emulated CPU mesh, or on
-every worker of a Cloud TPU slice through `gcloud compute tpus tpu-vm`.
+every worker of a Cloud TPU slice through `gcloud compute tpus tpu-vm`
+(`switch-jax launch`, whose flags are in cli/commands/launch.py).
 
-    python -m switch_jax.cli.launch local --dry_run --gin_file=... --model_dir=/tmp/run
-    python -m switch_jax.cli.launch tpu --dry_run --name=my-tpu --zone=... --project=... \\
+    switch-jax launch local --dry_run --gin_file=... --model_dir=/tmp/run
+    switch-jax launch tpu --dry_run --name=my-tpu --zone=... --project=... \\
       --accelerator_type=v4-32 --package=dist/switch_jax-0.1.0-py3-none-any.whl \\
       --gin_file=... --model_dir=gs://bucket/run --tfds_data_dir=gs://bucket/tfds
 
@@ -22,13 +23,11 @@ own `--gin.NAME=VALUE` flags: gin is code, so they must come from the user.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import unicodedata
@@ -432,111 +431,8 @@ def _check_reusable(state: str, describe_argv: list[str]) -> None:
                   f"it and run again: {delete}")
 
 
-# ---------------------------------------------------------------------- CLI
-
-
-def _bindings(pairs: Sequence[str]) -> dict[str, str]:
-  bindings = {}
-  for pair in pairs:
-    name, sep, value = pair.partition("=")
-    if not sep:
-      raise UserError(f"--gin {pair!r}: expected NAME=VALUE")
-    bindings[name.strip()] = value
-  return bindings
-
-
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m switch_jax.cli.launch",
-      description="Print (--dry_run) or run the commands that launch switch-jax training.")
-  sub = parser.add_subparsers(dest="target", required=True)
-
-  def common(p):
-    p.add_argument("--gin_file", action="append", default=[], help="repeatable, in order")
-    p.add_argument("--gin", action="append", default=[], metavar="NAME=VALUE",
-                   help="a gin binding, as gin text (strings need double quotes)")
-    p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-
-  local = sub.add_parser("local", help="train on this machine's CPU over an emulated mesh")
-  common(local)
-  local.add_argument("--num_devices", type=int, default=DEFAULT_NUM_DEVICES)
-  local.add_argument("--quickstart", action="store_true",
-                     help="run `switch-jax quickstart` (no gin files)")
-  local.add_argument("--model_dir")
-  local.add_argument("--tfds_data_dir")
-  local.add_argument("--output_dir", help="the quickstart's output folder")
-  local.add_argument("--train_flag", action="append", default=[], metavar="--FLAG=VALUE",
-                     help="another `switch-jax train` flag, e.g. --train_flag=--gin_search_paths=x")
-
-  tpu = sub.add_parser("tpu", help="create or reuse a TPU slice, install, train on all workers")
-  common(tpu)
-  tpu.add_argument("--name", required=True, help="the TPU slice's name")
-  tpu.add_argument("--zone", required=True)
-  tpu.add_argument("--project", required=True)
-  tpu.add_argument("--accelerator_type", required=True, help="e.g. v4-32")
-  tpu.add_argument("--runtime_version", default=DEFAULT_RUNTIME_VERSION)
-  kind = tpu.add_mutually_exclusive_group()
-  kind.add_argument("--spot", action="store_true")
-  kind.add_argument("--preemptible", action="store_true")
-  tpu.add_argument("--package", help="a wheel or sdist path, a git+https:// URL or a requirement")
-  tpu.add_argument("--skip_install", action="store_true", help="the workers have the package")
-  tpu.add_argument("--model_dir", required=True, help="gs://BUCKET/PATH")
-  tpu.add_argument("--tfds_data_dir", help="gs://BUCKET/PATH where TFDS datasets are prepared")
-  tpu.add_argument("--python", default=DEFAULT_PYTHON,
-                   help="the workers' Python (>= 3.11) interpreter or its path")
-  tpu.add_argument("--train_flag", action="append", default=[], metavar="--FLAG=VALUE")
-  tpu.add_argument("--delete", action="store_true", help="delete the slice after training")
-  return parser
-
-
-def _local_command(args) -> list[str]:
-  bindings = _bindings(args.gin)
-  if args.quickstart:
-    if args.gin_file or args.model_dir or args.tfds_data_dir or args.train_flag:
-      raise UserError("--quickstart takes only --num_devices, --output_dir and --gin")
-    return local_quickstart_command(args.num_devices, args.output_dir, bindings)
-  if args.output_dir:
-    raise UserError("--output_dir is for --quickstart; pass --model_dir to train")
-  return local_train_command(args.num_devices, args.gin_file, bindings,
-                             model_dir=args.model_dir, tfds_data_dir=args.tfds_data_dir,
-                             extra_flags=args.train_flag)
-
-
-def _tpu_plan(args) -> list[Step]:
-  return tpu_plan(
-      name=args.name, zone=args.zone, project=args.project,
-      accelerator_type=args.accelerator_type, runtime_version=args.runtime_version,
-      spot=args.spot, preemptible=args.preemptible, package=args.package,
-      gin_files=args.gin_file, gin_bindings=_bindings(args.gin), model_dir=args.model_dir,
-      tfds_data_dir=args.tfds_data_dir, extra_flags=args.train_flag, python=args.python,
-      install=not args.skip_install, delete=args.delete)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    if args.target == "local":
-      command = _local_command(args)
-      env = huge_page_env(os.environ)
-      shown = [f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']}", *command]
-      if args.dry_run:
-        print(shlex.join(shown))
-        return 0
-      if shutil.which(command[0]) is None:
-        raise UserError(f"{command[0]} is not on PATH: install the package (pip install -e .)")
-      print(f"+ {shlex.join(shown)}", file=sys.stderr, flush=True)
-      return subprocess.run(command, env=env, check=False).returncode
-    steps = _tpu_plan(args)
-    if args.dry_run:
-      sys.stdout.write(format_plan(steps))
-      return 0
-    if shutil.which("gcloud") is None:
-      raise UserError("gcloud is not on PATH: install the Google Cloud CLI, or use --dry_run")
-    return run_plan(steps)
-  except UserError as e:
-    print(f"switch_jax.cli.launch: error: {e}", file=sys.stderr)
-    return 2
-
-
 if __name__ == "__main__":
-  sys.exit(main())
+  # The old spelling, `python -m switch_jax.cli.launch local|tpu ...`, keeps
+  # working as `switch-jax launch local|tpu ...`.
+  from switch_jax.cli import main as cli  # pylint: disable=import-outside-toplevel
+  sys.exit(cli.main(["launch", *sys.argv[1:]]))

@@ -25,6 +25,8 @@ SUBCOMMANDS = {
                 "convert Hugging Face checkpoints to and from ours"),
     "plan": ("switch_jax.cli.commands.plan",
              "memory, communication and FLOPs of a config on a mesh"),
+    "launch": ("switch_jax.cli.commands.launch",
+               "print or run the commands that train here or on a Cloud TPU slice"),
     "tasks": ("switch_jax.cli.commands.tasks", "list registered seqio tasks and mixtures"),
     "vocab": ("switch_jax.cli.commands.vocab", "train a SentencePiece vocabulary on local text"),
     "plot": ("switch_jax.cli.commands.plot", "plot a run's loss curve and expert load"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from switch_jax.cli import launch
+from switch_jax.cli import main as cli
 from switch_jax.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -380,13 +381,20 @@ def test_invalid_local_inputs_raise_user_errors():
 
 
 def test_cli_reports_user_errors_on_one_line(capsys):
-  assert launch.main(["tpu", "--dry_run", "--name=my-tpu", "--zone=us-central2-b",
-                      "--project=my-project", "--accelerator_type=v4-32", "--skip_install",
-                      "--gin_file=runs/pretrain.gin", "--model_dir=/tmp/run"]) == 2
+  assert cli.main(["launch", "tpu", "--dry_run", "--name=my-tpu", "--zone=us-central2-b",
+                   "--project=my-project", "--accelerator_type=v4-32", "--skip_install",
+                   "--gin_file=runs/pretrain.gin", "--model_dir=/tmp/run"]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("switch_jax.cli.launch: error: model dir '/tmp/run' must be on Cloud")
-  assert launch.main(["local", "--dry_run", "--gin=NOEQUALS"]) == 2
+  assert err.startswith("switch-jax launch: error: model dir '/tmp/run' must be on Cloud")
+  assert cli.main(["launch", "local", "--dry_run", "--gin=NOEQUALS"]) == 2
   assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+def test_cli_refuses_the_trainers_gin_spellings(capsys):
+  # The one CLI takes --gin.NAME=VALUE out before parsing; launch would lose it.
+  assert cli.main(["launch", "local", "--dry_run", "--gin.TRAIN_STEPS=5"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("switch-jax launch: error: launch takes gin bindings as --gin NAME=VALUE")
 
 
 def test_huge_page_env_adds_the_tunable_once_and_keeps_the_users():

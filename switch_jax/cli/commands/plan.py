@@ -161,8 +161,8 @@ def _table(name: str, config: ModelConfig, plan, compiled, analytic_optax) -> st
     per_device = r.groups // (data * expert)
     plural = "s" if len(layers) > 1 else ""
     lines.append(f"{stack}: {len(layers)} Switch layer{plural} ({r.router}), per device "
-                 f"{per_device} group(s) of {r.group_tokens} tokens, capacity {r.capacity}, expert work "
-                 f"{r.slots_per_token:.2f}x a dense FFN per token, all-to-all "
+                 f"{per_device} group(s) of {r.group_tokens} tokens, capacity {r.capacity}, "
+                 f"expert work {r.slots_per_token:.2f}x a dense FFN per token, all-to-all "
                  f"{_size(plan.all_to_all_per_layer[r.name])} per layer per microbatch")
     if r.router != "dropless" and r.slots_per_token > 2 * config.train_capacity_factor:
       lines.append(f"  note: the minimum capacity ({config.min_expert_capacity}) binds: "

@@ -83,7 +83,7 @@ def adafactor_statistics(leaf: ParamLeaf, factoring: str = "t5x"
   logical rules): 'expert' is a batch dim, 'embed' the row, 'mlp'/'heads'/
   'kv'/'vocab' columns, so an [E, d, f] expert weight keeps [E, d] and
   [E, f] and attention kernels [d, h, k] keep [d] and [h, k].
-  'optax' is optax.adafactor's rule (the compiled stand-in): factor the two
+  'optax' is optax.adafactor's rule (for a run with optax's): factor the two
   largest dims when both are >= 128, so attention kernels stay unfactored.
   """
   dims = tuple(range(len(leaf.shape)))

@@ -1,7 +1,9 @@
 """The real sharded train step, compiled on local (e.g. emulated CPU)
 devices from abstract inputs: XLA's memory analysis and the all-to-alls of
-the optimized HLO and of the StableHLO handed to XLA. tests/planning/
-test_plan.py holds the analytic plan (`analytic.plan`) to these figures.
+the optimized HLO and of the StableHLO handed to XLA. The step is the
+trainer's, with the trainer's optimizer (`optimizers.make_optimizer`), so
+its state is what a run allocates. tests/planning/test_plan.py holds the
+analytic plan (`analytic.plan`) to these figures.
 """
 
 from __future__ import annotations
@@ -12,25 +14,16 @@ import re
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from switch_jax import partitioning
 from switch_jax.config import ModelConfig
 from switch_jax.errors import ConfigError
+from switch_jax.model import param_count
+from switch_jax.model.encoder_decoder import EncoderDecoder
 from switch_jax.planning.analytic import OPTIMIZERS
-
-
-def stand_in_optimizer(name: str):
-  """The optax optimizer the compiled step uses (Adafactor: optax's, a
-  stand-in for t5x's: second moments only, decay 0.8, factored by optax's
-  two-largest-dims rule, which `analytic.plan(adafactor_factoring="optax")`
-  counts)."""
-  import optax  # pylint: disable=import-outside-toplevel
-  if name not in OPTIMIZERS:
-    raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
-  if name == "adam":
-    return optax.adam(1e-3)
-  return optax.adafactor(learning_rate=1e-3, decay_rate=0.8, multiply_by_parameter_scale=False,
-                         momentum=None)
+from switch_jax.training import optimizers
+from switch_jax.training import train_step as ts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +106,6 @@ def compiled_memory(config: ModelConfig, mesh_shape: Sequence[int], *, batch_siz
                     num_microbatches: int = 1, devices=None) -> CompiledMemory:
   """Compiles the real sharded train step on local devices from abstract
   inputs (nothing is allocated) and reads what the compiler reports."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from switch_jax.training import train_step as ts  # pylint: disable=import-outside-toplevel
-  # pylint: disable-next=import-outside-toplevel
-  from switch_jax.model.encoder_decoder import EncoderDecoder
   devices = list(jax.devices() if devices is None else devices)
   shape = tuple(int(s) for s in mesh_shape)
   size = math.prod(shape) if -1 not in shape else len(devices)
@@ -125,7 +114,12 @@ def compiled_memory(config: ModelConfig, mesh_shape: Sequence[int], *, batch_siz
                       f"emulate more CPU devices or plan without compiling")
   shape = partitioning.resolve_mesh_shape(shape, size)
   partitioning.check_fits(config, shape, batch_size)
-  model, opt = EncoderDecoder(config), stand_in_optimizer(optimizer)
+  if optimizer not in OPTIMIZERS:
+    raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+  model = EncoderDecoder(config)
+  # The learning rate changes no shape or byte.
+  opt = optimizers.make_optimizer(optimizer, 1e-3,
+                                  boxed_params=param_count.abstract_params(config))
   mesh = partitioning.make_mesh(shape, devices[:size])
   lengths = (input_length, target_length)
   with jax.set_mesh(mesh):

@@ -119,7 +119,7 @@ def _size(num_bytes: float) -> str:
   return f"{num_bytes:.0f} B"
 
 
-def _table(name: str, config: ModelConfig, plan, compiled, analytic_optax) -> str:
+def _table(name: str, config: ModelConfig, plan, compiled) -> str:
   g = lambda b: f"{_size(b):>14s}"
   data, expert, model = plan.mesh_shape
   lines = [
@@ -139,19 +139,16 @@ def _table(name: str, config: ModelConfig, plan, compiled, analytic_optax) -> st
   for label, value, key in rows:
     line = f"  {label:29s}{g(value)}"
     if compiled and key:
-      line = f"  {label:29s}{g(getattr(analytic_optax, key))}{g(getattr(compiled, key))}"
+      line = f"  {label:29s}{g(value)}{g(getattr(compiled, key))}"
     lines.append(line)
   if compiled:
-    temp = analytic_optax.gradient_bytes + analytic_optax.activation_bytes
+    temp = plan.gradient_bytes + plan.activation_bytes
     lines.append(f"  {'gradients + activations':29s}{g(temp)}{g(compiled.temp_bytes)}  (XLA temp)")
-    lines.append(f"  {'total':29s}{g(analytic_optax.total_bytes)}{g(compiled.peak_bytes)}")
+    lines.append(f"  {'total':29s}{g(plan.total_bytes)}{g(compiled.peak_bytes)}")
   else:
     lines.append(f"  {'total':29s}{g(plan.total_bytes)}")
   verdict = "fits" if plan.fits else "DOES NOT FIT"
   lines.append(f"  {'device memory':29s}{g(plan.device_memory_bytes)}  {verdict}")
-  if compiled and plan.optimizer == "adafactor":
-    lines.append("  (compiled: optax.adafactor stand-in; the analytic column uses its "
-                 f"factoring; with t5x's the total is {_size(plan.total_bytes)})")
   lines.append("")
   stacks = {}
   for r in plan.switch_routing:
@@ -196,7 +193,7 @@ def run(args) -> int:
     import jax  # pylint: disable=import-outside-toplevel
     num_devices = jax.device_count()
   plan = analytic.plan(config, mesh, num_devices=num_devices, **_plan_args(args))
-  compiled = analytic_optax = None
+  compiled = None
   note = None
   if args.compile:
     import jax  # pylint: disable=import-outside-toplevel
@@ -208,8 +205,6 @@ def run(args) -> int:
           config, plan.mesh_shape, batch_size=args.batch_size, input_length=args.input_length,
           target_length=args.target_length, optimizer=args.optimizer,
           num_microbatches=args.num_microbatches)
-      analytic_optax = analytic.plan(config, plan.mesh_shape, adafactor_factoring="optax",
-                                     **_plan_args(args))
   warning = None
   if plan.fits is False:
     options = alternatives(config, plan, args)
@@ -221,7 +216,7 @@ def run(args) -> int:
                       "compiled": compiled.to_dict() if compiled else None,
                       "note": note, "warning": warning}, indent=2, default=str))
     return 0
-  print(_table(args.model, config, plan, compiled, analytic_optax))
+  print(_table(args.model, config, plan, compiled))
   for line in (note, warning):
     if line:
       print(line)

@@ -108,10 +108,10 @@ def _load(run_dir: Path) -> dict:
 
 def _parameters(run_dir: Path) -> Optional[dict]:
   from switch_jax.model import param_count  # pylint: disable=import-outside-toplevel
-  from switch_jax.checkpoints import train_state  # pylint: disable=import-outside-toplevel
+  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
   from switch_jax.errors import UserError  # pylint: disable=import-outside-toplevel
   try:
-    return param_count.count_params(train_state.load_config(run_dir))
+    return param_count.count_params(model_format.load_config(run_dir))
   except UserError:  # no checkpoint (yet): the table leaves the count out
     return None
 
@@ -335,7 +335,7 @@ EXPERIMENTS = {e.name: e for e in [
                        "TASK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 62}",
                        "TRAIN_STEPS = 10000", "BATCH_SIZE = 128",
                        "train.learning_rate = @constant_schedule()",
-                       "constant_schedule.value = 1e-3", "train.eval_period = 200")),
+                       "constant_schedule.value = 1e-3", "EvalConfig.period = 200")),
     Experiment(
         "06_distillation", "06_distillation/distillation.gin",
         (Arm("dense", reuse="01_scaling/dense"),
@@ -343,7 +343,7 @@ EXPERIMENTS = {e.name: e for e in [
          Arm("distilled", teacher=S8),
          # The same start from the teacher's weights, ground truth only: what
          # the soft targets add beyond the initialization.
-         Arm("init-only", ("train.teacher_checkpoint_path = None",), teacher=S8)),
+         Arm("init-only", ("DistillConfig.teacher_checkpoint_path = None",), teacher=S8)),
         report_distill),
 ]}
 
@@ -412,9 +412,9 @@ def settings(experiment, arm, scale, output_dir, extra) -> dict:
   for key in ("MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS", "BATCH_SIZE",
               "RANDOM_SEED", "MESH_SHAPE"):
     out[key] = gin_config.query(f"{key}/macro.value")
-  for key in ("train.optimizer", "train.learning_rate", "train.eval_period",
-              "train.eval_steps", "train.teacher_checkpoint_path",
-              "train.initial_checkpoint_path"):
+  for key in ("train.optimizer", "train.learning_rate", "EvalConfig.period",
+              "EvalConfig.steps", "DistillConfig.teacher_checkpoint_path",
+              "InitConfig.checkpoint_path"):
     try:
       out[key] = repr(gin_config.query(key))
     except ValueError:

@@ -120,18 +120,18 @@ def test_arms_wire_checkpoints_and_the_full_scale(tmp_path, capsys, monkeypatch)
   monkeypatch.setattr(run, "_HANDLED", set())
   finetune = run.EXPERIMENTS["05_finetune"]
   settings = run.settings(finetune, finetune.arms[3], "mini", tmp_path, [])
-  assert settings["train.initial_checkpoint_path"] == repr(
+  assert settings["InitConfig.checkpoint_path"] == repr(
       str(tmp_path / "01_scaling" / "switch-8"))
   assert (settings["expert_dropout_rate"], settings["dropout_rate"]) == (0.4, 0.1)
   assert settings["MIXTURE_OR_TASK_NAME"] == "embedded_continuation"
   distill = run.EXPERIMENTS["06_distillation"]
   settings = run.settings(distill, distill.arms[2], "mini", tmp_path, [])
   assert settings["num_experts"] == 0
-  assert settings["train.teacher_checkpoint_path"] == repr(
+  assert settings["DistillConfig.teacher_checkpoint_path"] == repr(
       str(tmp_path / "01_scaling" / "switch-8"))
   init_only = run.settings(distill, distill.arms[3], "mini", tmp_path, [])
-  assert init_only["train.teacher_checkpoint_path"] == "None"
-  assert init_only["train.initial_checkpoint_path"] == settings["train.initial_checkpoint_path"]
+  assert init_only["DistillConfig.teacher_checkpoint_path"] == "None"
+  assert init_only["InitConfig.checkpoint_path"] == settings["InitConfig.checkpoint_path"]
   full = run.settings(finetune, finetune.arms[1], "full", tmp_path, [])
   assert (full["d_model"], full["num_experts"], full["dtype"]) == (768, 8, "bfloat16")
   assert full["MIXTURE_OR_TASK_NAME"] == "super_glue_v102_proportional"

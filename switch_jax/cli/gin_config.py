@@ -1,7 +1,7 @@
 """Gin: what users bind, and parsing the t5x-style command line.
 
 Configurables have short names: `ModelConfig.num_experts = 8`,
-`train.eval_period = 500`, `train/DatasetConfig.batch_size = 64`. The model,
+`EvalConfig.period = 500`, `train/DatasetConfig.batch_size = 64`. The model,
 trainer and optimizers know nothing of gin: this module registers them (data
 flows one way: gin -> config -> model/trainer -> step). The data package
 declares its own few bindings (`tfds_data_dir.path`, vocabulary paths,
@@ -25,6 +25,7 @@ import gin
 from switch_jax.config import ModelConfig
 from switch_jax.errors import UserError
 from switch_jax.cli.resources import gin_dir
+from switch_jax.training import train_config  # dataclasses only: no TensorFlow or optax
 
 _REGISTERED = False
 # Macros the run files mark %gin.REQUIRED, and what to pass for each.
@@ -59,7 +60,10 @@ def register() -> None:
   gin.external_configurable(optimizers.rsqrt_schedule, "rsqrt_schedule")
   gin.external_configurable(optimizers.constant, "constant_schedule")
   gin.external_configurable(optimizers.warmup_decay, "warmup_decay_schedule")
-  gin.external_configurable(trainer.CheckpointConfig, "CheckpointConfig")
+  for config in (train_config.LoopConfig, train_config.EvalConfig,
+                 train_config.CheckpointConfig, train_config.StepConfig,
+                 train_config.InitConfig, train_config.DistillConfig):
+    gin.external_configurable(config, config.__name__)
   gin.external_configurable(trainer.train, "train")
   gin.external_configurable(evaluator.evaluate, "evaluate")
   gin.external_configurable(inference.infer, "infer")
@@ -161,6 +165,10 @@ def _unquoted_string(bindings: Sequence[str]):
 def gin_error(error: Exception, bindings: Sequence[str] = ()) -> UserError:
   """A parse failure as one line; a hint when a binding's string lacks quotes."""
   message = f"gin: {str(error).strip()}".replace("\n", " | ")
+  moved = re.search(r"Configurable 'train' doesn't have a parameter named '(\w+)'", message)
+  if moved and moved.group(1) in train_config.MOVED_TRAIN_BINDINGS:
+    message += (f"; train.{moved.group(1)} is now "
+                f"{train_config.MOVED_TRAIN_BINDINGS[moved.group(1)]} (see gin/runs/pretrain.gin)")
   bare = _unquoted_string(bindings)
   if bare:
     name, value = bare

@@ -1,6 +1,10 @@
 """The training loop, t5x-style: data, state, restore, loop, eval, save.
 
-`train` is what `switch-jax train` runs with its arguments bound by gin.
+`train` is what `switch-jax train` runs with its arguments bound by gin;
+its settings come in the small groups of train_config.py (`LoopConfig`,
+`EvalConfig`, `CheckpointConfig`, `StepConfig`, `InitConfig`,
+`DistillConfig`). It speaks to the user on stdout: progress lines, one line
+per event, and warnings as lines starting "WARNING:".
 Re-running the same command resumes from the newest complete checkpoint
 (parameters, optimizer state and data position). SIGTERM, which is how
 pods announce preemption, saves the current step and returns.
@@ -9,7 +13,6 @@ pods announce preemption, saves the current step and returns.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import signal
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -23,29 +26,16 @@ from jax.experimental import multihost_utils
 
 from switch_jax import partitioning, run_logging
 from switch_jax.model import losses
-from switch_jax.checkpoints import train_state
+from switch_jax.checkpoints import model_format, train_state
 from switch_jax.training import warm_start
+from switch_jax.training.train_config import (CheckpointConfig, DistillConfig, EvalConfig,
+                                              InitConfig, LoopConfig, StepConfig)
 from switch_jax.training import train_step as ts
 from switch_jax.config import ModelConfig
 from switch_jax.data import pipeline
 from switch_jax.errors import ConfigError, SplitNotBoundError, UserError
 from switch_jax.model.encoder_decoder import EncoderDecoder
-
-log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-  """When to save and how many to keep.
-
-  Attributes:
-    period: save every `period` steps (and always at the end).
-    keep: newest checkpoints to keep; None keeps all.
-    async_save: write in the background while training goes on.
-  """
-  period: int = 1000
-  keep: Optional[int] = 3
-  async_save: bool = True
+import switch_jax.tasks  # noqa: F401  pylint: disable=unused-import  # registers the tasks datasets name
 
 
 class _Preemption:
@@ -94,12 +84,12 @@ class _Preemption:
 
 def _load_other_model(path, mesh):
   """(model, params on the mesh) of a checkpoint with its own config."""
-  config = train_state.load_config(path)
+  config = model_format.load_config(path)
   model = EncoderDecoder(config)
   boxed = _abstract_boxed(model, (1, 1))
   target = train_state.abstract_like(nn.unbox(boxed),
                                            partitioning.logical_to_sharding(boxed, mesh))
-  return model, train_state.load_params(path, target)
+  return model, model_format.load_params(path, target)
 
 
 def _abstract_boxed(model: EncoderDecoder, lengths):
@@ -110,19 +100,20 @@ def _abstract_boxed(model: EncoderDecoder, lengths):
 
 
 def _initial_state(model, optimizer, mesh, shardings, abstract_state, lengths,
-                   initial_checkpoint_path, initialization, seed):
-  """Fresh parameters, or a checkpoint's (mapped by `initialization`, see
+                   init: InitConfig, seed):
+  """Fresh parameters, or a checkpoint's (mapped by `init.mode`, see
   warm_start.py) with a fresh optimizer."""
-  init = ts.make_init(model, optimizer, mesh, shardings, 1, lengths)
-  fresh = init(jax.random.PRNGKey(seed))
+  initial_checkpoint_path, initialization = init.checkpoint_path, init.mode
+  fresh = ts.make_init(model, optimizer, mesh, shardings, 1, lengths)(jax.random.PRNGKey(seed))
   if initial_checkpoint_path is None:
     return fresh
   if initialization not in warm_start.MODES:
-    raise ConfigError(f"initialization must be one of {warm_start.MODES}, got {initialization!r}")
+    raise ConfigError(f"InitConfig.mode must be one of {warm_start.MODES}, got "
+                      f"{initialization!r}")
   if initialization == "exact":
-    _check_compatible(train_state.load_config(initial_checkpoint_path), model.config,
+    _check_compatible(model_format.load_config(initial_checkpoint_path), model.config,
                       initial_checkpoint_path)
-    params = train_state.load_params(initial_checkpoint_path, abstract_state.params)
+    params = model_format.load_params(initial_checkpoint_path, abstract_state.params)
   else:
     _, source = _load_other_model(initial_checkpoint_path, mesh)
     if initialization == "upcycle":
@@ -130,12 +121,11 @@ def _initial_state(model, optimizer, mesh, shardings, abstract_state, lengths,
     else:
       mapping = lambda src, new: warm_start.copy_matching(src, new)[0]
       copied = warm_start.copy_matching(jax.eval_shape(lambda: source), fresh.params)[1]
-      print(f"Initialized {len(copied)} parameters from {initial_checkpoint_path}; the rest "
-            "fresh", flush=True)
+      _say(f"Initialized {len(copied)} parameters from {initial_checkpoint_path}; the rest "
+           "fresh")
     params = jax.jit(mapping, out_shardings=shardings.params)(source, fresh.params)
   opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-  print(f"Initialized from {initial_checkpoint_path} ({initialization}); optimizer state reset",
-        flush=True)
+  _say(f"Initialized from {initial_checkpoint_path} ({initialization}); optimizer state reset")
   return ts.TrainState(jnp.zeros((), jnp.int32), params, opt_state)
 
 
@@ -185,127 +175,98 @@ def _evaluate(model, params, dataset, mesh, eval_steps):
                                               max_batches=eval_steps)
 
 
+def _say(message: str) -> None:
+  """A line for the user, on stdout beside the progress lines."""
+  print(message, flush=True)
+
+
+def _warn(message: str) -> None:
+  _say(f"WARNING: {message}")
+
+
 def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.DatasetConfig,
-          total_steps: int, optimizer: Callable[..., Any], learning_rate: Callable[[int], Any],
-          eval_dataset: Optional[pipeline.DatasetConfig] = None, eval_period: int = 1000,
-          eval_steps: int = 20, inference_evaluator: Optional[Callable[..., Any]] = None,
-          mesh_shape: Sequence[int] = (-1, 1, 1), num_microbatches: int = 1,
-          z_loss: float = 1e-4, random_seed: int = 0, log_period: int = 10,
-          checkpoint: CheckpointConfig = CheckpointConfig(),
-          initial_checkpoint_path: Optional[str] = None, initialization: str = "exact",
-          teacher_checkpoint_path: Optional[str] = None, teacher_weight: float = 0.25,
-          stop_at_step: Optional[int] = None, max_nonfinite_steps: int = 5,
-          run_config: Optional[str] = None) -> dict:
+          optimizer: Callable[..., Any], learning_rate: Callable[[int], Any], loop: LoopConfig,
+          eval_dataset: Optional[pipeline.DatasetConfig] = None,
+          evaluation: EvalConfig = EvalConfig(), checkpoint: CheckpointConfig = CheckpointConfig(),
+          step_config: StepConfig = StepConfig(), init: InitConfig = InitConfig(),
+          distill: DistillConfig = DistillConfig(), mesh_shape: Sequence[int] = (-1, 1, 1),
+          random_seed: int = 0, run_config: Optional[str] = None) -> dict:
   """Trains (or resumes) a model; returns the last train and eval metrics.
 
   Args:
     model_dir: where checkpoints, metrics.jsonl and TensorBoard logs go.
     model_config: the model.
     train_dataset: the training stream (global batch size).
-    total_steps: train until this step.
     optimizer: `optimizer(learning_rate=..., boxed_params=...)` -> an optax
       GradientTransformation (gin: `@make_optimizer`).
     learning_rate: schedule, step -> rate (gin: `@rsqrt_schedule()`).
-    eval_dataset: validation data for loss/accuracy every `eval_period`; a
-      split that names no data (no `local_files.validation`) is dropped,
-      said once in the log.
-    eval_steps: validation batches per evaluation, per task of a mixture.
-    inference_evaluator: `inference_evaluator(model=, mesh=)` -> an object
-      with `evaluate(params, step) -> dict` (decoding + the task's metrics).
-    mesh_shape: (data, expert, model); -1 takes the remaining devices.
-    num_microbatches: gradient accumulation steps per batch.
-    z_loss: output-logit z-loss coefficient.
-    random_seed: seeds initialization and dropout.
-    log_period: steps between metrics records.
+    loop: total steps, where to stop, log period, non-finite tolerance.
+    eval_dataset: validation data for loss/accuracy every
+      `evaluation.period`; a split that names no data (no
+      `local_files.validation`) is dropped, said once.
+    evaluation: when and how much to evaluate, and the decoding evaluator.
     checkpoint: save period and retention.
-    initial_checkpoint_path: start from these parameters (a `convert`ed
-      checkpoint or a training run) with a fresh optimizer: fine-tuning.
-    initialization: how its parameters map onto this model: 'exact' (same
-      architecture), 'upcycle' (dense checkpoint -> Switch model, experts
-      copied from the dense FFN), 'shared' (copy what matches; see
-      warm_start.py).
-    teacher_checkpoint_path: distill from this model: the token loss becomes
-      (1 - teacher_weight) * cross-entropy + teacher_weight * cross-entropy
-      against the teacher's predictions (Table 6: 0.25).
-    teacher_weight: the share of the teacher's soft targets.
-    stop_at_step: stop (after saving) at this step even if total_steps is
-      further: to run a schedule in several sessions.
-    max_nonfinite_steps: stop after this many steps in a row whose loss or
-      gradients were not finite (each is skipped, not applied).
+    step_config: microbatches and the z-loss of each step.
+    init: the checkpoint a fresh run starts from, and how it maps.
+    distill: the teacher and its weight.
+    mesh_shape: (data, expert, model); -1 takes the remaining devices.
+    random_seed: seeds initialization and dropout.
     run_config: the configuration text to keep as MODEL_DIR/config.gin,
       written once every check has passed (a bad command changes nothing).
   """
-  # Data and state plans are checked before anything is compiled.
+  # Data: every plan is checked before anything is compiled.
   mesh_shape = partitioning.resolve_mesh_shape(mesh_shape, jax.device_count())
-  partitioning.check_fits(model_config, mesh_shape, train_dataset.batch_size)
-  pipeline.check_dataset(train_dataset, model_config.vocab_size, jax.process_count())
-  if eval_dataset is not None:
-    try:
-      pipeline.check_dataset(eval_dataset, model_config.vocab_size, jax.process_count())
-    except SplitNotBoundError as e:  # e.g. no local_files.validation: optional for training
-      print(f"No evaluation during training: {e}", flush=True)
-      eval_dataset = None
-  if total_steps <= 0:
-    raise ConfigError(f"total_steps must be positive, got {total_steps}")
-  model_dir = epath.Path(model_dir)  # local or a bucket (gs://...)
-  model_dir.mkdir(parents=True, exist_ok=True)
-  if run_config is not None and jax.process_index() == 0:
-    partial = model_dir / "config.gin.tmp"
-    partial.write_text(run_config)
-    partial.replace(model_dir / "config.gin")
+  eval_dataset = _check_run(model_config, mesh_shape, train_dataset, eval_dataset, loop)
+  model_dir = _prepare_model_dir(model_dir, run_config)
   lengths = (train_dataset.task_feature_lengths["inputs"],
              train_dataset.task_feature_lengths["targets"])
-
   mesh = partitioning.make_mesh(mesh_shape)
   model = EncoderDecoder(model_config)
   with jax.set_mesh(mesh):
+    # State: its shapes and shardings, without allocating it.
     boxed = _abstract_boxed(model, lengths)
     tx = optimizer(learning_rate=learning_rate, boxed_params=boxed)
     shardings = ts.state_shardings(model, tx, mesh, 1, lengths)
     abstract_state = train_state.abstract_like(
         jax.eval_shape(ts.init_fn(model, tx, 1, lengths), jax.random.PRNGKey(0)), shardings)
 
+    # Restore: the newest checkpoint, else a fresh (or warm-started) state.
     checkpointer = train_state.TrainCheckpointer(model_dir, checkpoint.keep,
-                                                       checkpoint.async_save)
+                                                 checkpoint.async_save)
     restored = checkpointer.restore_latest(abstract_state)
     if restored is not None:
       step, state, meta = restored
       start_batch = int(meta["data"]["batches"])
       if meta["data"].get("dataset") != _dataset_record(train_dataset):
-        log.warning("the training data settings changed since step %d; reading on from "
-                    "batch %d of the new stream", step, start_batch)
-      print(f"Resuming from {checkpointer.directory / str(step)} at step {step}", flush=True)
+        _warn(f"the training data settings changed since step {step}; reading on from batch "
+              f"{start_batch} of the new stream")
+      _say(f"Resuming from {checkpointer.directory / str(step)} at step {step}")
     else:
-      state = _initial_state(model, tx, mesh, shardings, abstract_state, lengths,
-                             initial_checkpoint_path, initialization, random_seed)
+      state = _initial_state(model, tx, mesh, shardings, abstract_state, lengths, init,
+                             random_seed)
       step, start_batch = 0, 0
+    first_step = int(step)
 
-    teacher, teacher_args = None, ()
-    if teacher_checkpoint_path is not None:
-      teacher_model, teacher_params = _load_other_model(teacher_checkpoint_path, mesh)
-      teacher, teacher_args = ts.Teacher(teacher_model, teacher_weight), (teacher_params,)
-    step_fn = ts.make_train_step(
-        model, tx, mesh, shardings, num_microbatches=num_microbatches, z_loss=z_loss,
-        teacher=teacher,
-        teacher_shardings=jax.tree.map(lambda x: x.sharding, teacher_args[0]) if teacher else None)
-    batch_sharding = partitioning.batch_sharding(mesh)
-    batches = _host_batches(train_dataset, start_batch)
-    logger = run_logging.MetricsLogger(model_dir, total_steps, enabled=jax.process_index() == 0)
-    inference = (inference_evaluator(model=model, mesh=mesh)
-                 if inference_evaluator is not None else None)
-    rng = jax.random.PRNGKey(random_seed + 1)
-    last_step = min(total_steps, stop_at_step or total_steps)
-    summary: dict = {}
-
-    def save(at_step):
-      checkpointer.save(at_step, state, model_config,
+    def save(at_step, at_state):
+      checkpointer.save(at_step, at_state, model_config,
                         {"batches": start_batch + at_step - first_step,
                          "dataset": _dataset_record(train_dataset)})
 
-    first_step = int(step)
+    step_fn, teacher_args = _make_step(model, tx, mesh, shardings, step_config, distill)
+    batch_sharding = partitioning.batch_sharding(mesh)
+    batches = _host_batches(train_dataset, start_batch)
+    logger = run_logging.MetricsLogger(model_dir, loop.total_steps,
+                                       enabled=jax.process_index() == 0)
+    inference = (evaluation.inference_evaluator(model=model, mesh=mesh)
+                 if evaluation.inference_evaluator is not None else None)
+    rng = jax.random.PRNGKey(random_seed + 1)
+    last_step = min(loop.total_steps, loop.stop_at_step or loop.total_steps)
+    summary: dict = {}
     meter = _Throughput()
-    guard = _NonFiniteGuard(max_nonfinite_steps, logger, checkpointer)
+    guard = _NonFiniteGuard(loop.max_nonfinite_steps, logger, checkpointer)
     previous = None  # checked one step late, so the host never waits on the device
+
+    # Loop: step, log, eval, save; a preemption saves and stops.
     try:
       with _Preemption() as preemption:
         while step < last_step:
@@ -321,28 +282,22 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
           if previous is not None:
             guard.check(*previous)
           previous = (step, metrics)
-          if step % log_period == 0 or step == last_step:
-            metrics = jax.device_get(metrics)  # waits for the step: the timing is honest
-            record = run_logging.to_record(step, metrics, learning_rate=learning_rate(step - 1),
-                                           **meter.take())
-            if "expert_load" in record:
-              record["expert_load_layers"] = losses.switch_layer_names(model_config)
-            logger.write(record)
-            logger.progress(record)
-            summary["train"] = record
-          if eval_dataset is not None and (step % eval_period == 0 or step == last_step):
+          if step % loop.log_period == 0 or step == last_step:
+            summary["train"] = _log_metrics(logger, step, metrics, meter, learning_rate,
+                                            model_config)
+          if eval_dataset is not None and (step % evaluation.period == 0 or step == last_step):
             summary["eval"] = {"step": step, **_evaluate(model, state.params, eval_dataset, mesh,
-                                                         eval_steps)}
+                                                         evaluation.steps)}
             if inference is not None:
               summary["eval"].update(inference.evaluate(state.params, step))
             logger.write(summary["eval"], prefix="eval")
           stopping = preemption.agreed(step)
           if step % checkpoint.period == 0 or step == last_step or stopping:
-            save(step)
-          if step % eval_period == 0 or step % checkpoint.period == 0:  # not training time
+            save(step, state)
+          if step % evaluation.period == 0 or step % checkpoint.period == 0:  # not training time
             meter.reset()
           if stopping:
-            print(f"Preempted (SIGTERM): saved step {step}; exiting", flush=True)
+            _say(f"Preempted (SIGTERM): saved step {step}; exiting")
             break
         if previous is not None:
           guard.check(*previous)
@@ -352,6 +307,58 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
   summary["step"] = int(step)
   summary["checkpoint_dir"] = str(checkpointer.directory)
   return summary
+
+
+def _check_run(model_config, mesh_shape, train_dataset, eval_dataset, loop):
+  """Checks the mesh, the data and the loop; returns the eval dataset, None
+  when its split names no data."""
+  partitioning.check_fits(model_config, mesh_shape, train_dataset.batch_size)
+  pipeline.check_dataset(train_dataset, model_config.vocab_size, jax.process_count())
+  if eval_dataset is not None:
+    try:
+      pipeline.check_dataset(eval_dataset, model_config.vocab_size, jax.process_count())
+    except SplitNotBoundError as e:  # e.g. no local_files.validation: optional for training
+      _say(f"No evaluation during training: {e}")
+      eval_dataset = None
+  if loop.total_steps <= 0:
+    raise ConfigError(f"LoopConfig.total_steps must be positive, got {loop.total_steps}")
+  return eval_dataset
+
+
+def _prepare_model_dir(model_dir, run_config):
+  """MODEL_DIR (local or a bucket, gs://...), with the run's config.gin."""
+  model_dir = epath.Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  if run_config is not None and jax.process_index() == 0:
+    partial = model_dir / "config.gin.tmp"
+    partial.write_text(run_config)
+    partial.replace(model_dir / "config.gin")
+  return model_dir
+
+
+def _make_step(model, tx, mesh, shardings, step_config: StepConfig, distill: DistillConfig):
+  """(the jitted train step, its extra arguments: the teacher's parameters)."""
+  teacher, teacher_args = None, ()
+  if distill.teacher_checkpoint_path is not None:
+    teacher_model, teacher_params = _load_other_model(distill.teacher_checkpoint_path, mesh)
+    teacher, teacher_args = ts.Teacher(teacher_model, distill.teacher_weight), (teacher_params,)
+  step_fn = ts.make_train_step(
+      model, tx, mesh, shardings, num_microbatches=step_config.num_microbatches,
+      z_loss=step_config.z_loss, teacher=teacher,
+      teacher_shardings=jax.tree.map(lambda x: x.sharding, teacher_args[0]) if teacher else None)
+  return step_fn, teacher_args
+
+
+def _log_metrics(logger, step, metrics, meter, learning_rate, model_config) -> dict:
+  """Writes the step's metrics record and its progress line; returns it."""
+  metrics = jax.device_get(metrics)  # waits for the step: the timing is honest
+  record = run_logging.to_record(step, metrics, learning_rate=learning_rate(step - 1),
+                                 **meter.take())
+  if "expert_load" in record:
+    record["expert_load_layers"] = losses.switch_layer_names(model_config)
+  logger.write(record)
+  logger.progress(record)
+  return record
 
 
 def _dataset_record(dataset: pipeline.DatasetConfig) -> dict:
@@ -402,10 +409,10 @@ class _NonFiniteGuard:
           metrics["router/max_abs_logit_per_layer"]).tolist()
       event["fraction_dropped"] = float(metrics["router/fraction_dropped"])
     self.logger.write(event, prefix="event")
-    print(f"WARNING: step {step} not applied: loss {event['loss']}, gradient norm "
+    _warn(f"step {step} not applied: loss {event['loss']}, gradient norm "
           f"{event['grad_norm']}" + (f", router |logits| up to "
           f"{max(event['router_max_abs_logit_per_layer']):.3g}"
-          if "router_max_abs_logit_per_layer" in event else ""), flush=True)
+          if "router_max_abs_logit_per_layer" in event else ""))
     if self.in_a_row >= self.limit:
       steps = self.checkpointer.steps()
       kept = f"the last good checkpoint is step {steps[-1]}" if steps else "no checkpoint yet"

@@ -445,7 +445,7 @@ def trained_run(corpus, tmp_path_factory):
       f'MODEL_DIR = "{run}"', 'MIXTURE_OR_TASK_NAME = "local_span_corruption"',
       "TASK_FEATURE_LENGTHS = {'inputs': 32, 'targets': 8}", "TRAIN_STEPS = 2", "BATCH_SIZE = 8",
       f'local_files.train = "{root / "train.txt"}"', f'local_vocabulary_path.path = "{vocab}"',
-      "ModelConfig.vocab_size = 256", "train.eval_period = 1", "train.log_period = 1",
+      "ModelConfig.vocab_size = 256", "EvalConfig.period = 1", "LoopConfig.log_period = 1",
       "CheckpointConfig.async_save = False", "make_optimizer.name = 'adam'"])
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):

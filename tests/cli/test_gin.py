@@ -79,7 +79,7 @@ def test_finetune_resets_to_the_paper_settings():
   gin_config.parse(["models/tiny_switch.gin", "runs/finetune.gin"], REQUIRED)
   cfg = _model_config()
   assert (cfg.dropout_rate, cfg.expert_dropout) == (0.1, 0.4)
-  assert gin_config.query("train.initial_checkpoint_path") == "/tmp/ckpt"
+  assert gin_config.query("InitConfig.checkpoint_path") == "/tmp/ckpt"
 
 
 def test_each_knob_is_one_binding():
@@ -192,3 +192,18 @@ def test_an_unquoted_string_gets_a_hint_naming_the_binding(binding, value):
     gin_config.parse(["models/tiny_switch.gin", "runs/pretrain.gin"], [binding])
   assert (f"the binding `{name} = {value}` needs quotes around its string, escaped for the "
           f'shell: --gin.{name}=\\"{value}\\"') in str(raised.value)
+
+
+@pytest.mark.parametrize("old,new", [("train.eval_period = 500", "EvalConfig.period"),
+                                     ("train.initialization = 'upcycle'", "InitConfig.mode")])
+def test_a_setting_train_took_itself_names_its_new_binding(old, new):
+  with pytest.raises(UserError, match=rf"{old.split(' = ')[0]} is now {new}"):
+    gin_config.parse(["models/tiny_switch.gin", "runs/pretrain.gin"], REQUIRED[:4] + [old])
+
+
+def test_run_files_bind_every_group_of_train_settings():
+  gin_config.parse(["models/tiny_switch.gin", "runs/distill.gin"], REQUIRED)
+  assert gin_config.query("DistillConfig.teacher_checkpoint_path") == "/tmp/teacher"
+  assert gin_config.query("InitConfig.mode") == "shared"
+  for group in ("loop", "evaluation", "checkpoint", "step_config", "init", "distill"):
+    assert gin.query_parameter(f"train.{group}").selector.endswith("Config"), group

@@ -32,7 +32,7 @@ def _bindings(corpus, model_dir, steps, **extra):
       "BATCH_SIZE": "8", "local_files.train": f'"{root / "train.txt"}"',
       "local_files.validation": f'"{root / "validation.txt"}"',
       "local_vocabulary_path.path": f'"{vocab}"', "ModelConfig.vocab_size": "256",
-      "train.log_period": "1", "train.eval_period": "1000", "CheckpointConfig.period": "2",
+      "LoopConfig.log_period": "1", "EvalConfig.period": "1000", "CheckpointConfig.period": "2",
       "CheckpointConfig.async_save": "False", "make_optimizer.name": "'adam'",
       "rsqrt_schedule.warmup_steps": "10"}
   bindings.update(extra)
@@ -127,7 +127,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, trained, tmp_pa
                                       r"step 4"):
     _train(corpus, run, 50, **{"train.learning_rate": "@constant_schedule()",
                                "constant_schedule.value": "1e30",
-                               "train.max_nonfinite_steps": "3",
+                               "LoopConfig.max_nonfinite_steps": "3",
                                "CheckpointConfig.period": "1000"})
   events = run_logging.read_records(run, split="event")
   assert [e["step"] for e in events] == [6, 7, 8]

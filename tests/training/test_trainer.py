@@ -16,7 +16,7 @@ import pytest
 
 from switch_jax import run_logging
 from switch_jax.cli import gin_config
-from switch_jax.checkpoints import train_state
+from switch_jax.checkpoints import model_format
 
 def _train_args(corpus, model_dir, steps):
   root, vocab = corpus
@@ -28,8 +28,8 @@ def _train_args(corpus, model_dir, steps):
       "--gin.BATCH_SIZE=8", f'--gin.local_files.train="{root / "train.txt"}"',
       f'--gin.local_files.validation="{root / "validation.txt"}"',
       f'--gin.local_vocabulary_path.path="{vocab}"', "--gin.ModelConfig.vocab_size=256",
-      "--gin.ModelConfig.dropout_rate=0.1", "--gin.train.log_period=1",
-      "--gin.train.eval_period=1000", "--gin.CheckpointConfig.period=2",
+      "--gin.ModelConfig.dropout_rate=0.1", "--gin.LoopConfig.log_period=1",
+      "--gin.EvalConfig.period=1000", "--gin.CheckpointConfig.period=2",
       "--gin.make_optimizer.name='adam'", "--gin.rsqrt_schedule.warmup_steps=10",
   ]
 
@@ -42,14 +42,14 @@ def _cli(args, **kw):
 
 
 def _final_params(model_dir, step):
-  config = train_state.load_config(Path(model_dir) / "checkpoints" / str(step))
+  config = model_format.load_config(Path(model_dir) / "checkpoints" / str(step))
   from switch_jax.model.param_count import abstract_params  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   target = nn.unbox(abstract_params(config))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         target)
-  return train_state.load_params(Path(model_dir) / "checkpoints" / str(step), target)
+  return model_format.load_params(Path(model_dir) / "checkpoints" / str(step), target)
 
 
 def _kill_after_a_new_checkpoint(proc, checkpoints, rng):
@@ -114,7 +114,6 @@ def test_finetune_converted_hf_checkpoint_on_mocked_superglue(corpus, tmp_path):
   import torch  # pylint: disable=import-outside-toplevel
   from transformers import (  # pylint: disable=import-outside-toplevel
       SwitchTransformersConfig, SwitchTransformersForConditionalGeneration)
-  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
   from switch_jax.cli import main as cli  # pylint: disable=import-outside-toplevel
 
   _, vocab = corpus
@@ -135,7 +134,7 @@ def test_finetune_converted_hf_checkpoint_on_mocked_superglue(corpus, tmp_path):
       f'MODEL_DIR = "{tmp_path / "run"}"', 'MIXTURE_OR_TASK_NAME = "super_glue_rte_v102"',
       "TASK_FEATURE_LENGTHS = {'inputs': 48, 'targets': 8}", "TRAIN_STEPS = 4",
       "BATCH_SIZE = 8", f'INITIAL_CHECKPOINT_PATH = "{tmp_path / "ckpt"}"',
-      f'c4_vocabulary_path.path = "{vocab}"', "train.eval_period = 4", "train.eval_steps = 2",
+      f'c4_vocabulary_path.path = "{vocab}"', "EvalConfig.period = 4", "EvalConfig.steps = 2",
       "InferenceEvaluator.max_examples = 8", "InferenceEvaluator.batch_size = 8",
       "CheckpointConfig.async_save = False"]
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -156,5 +155,4 @@ def test_finetune_converted_hf_checkpoint_on_mocked_superglue(corpus, tmp_path):
 
 
 def _final_params_from(model_checkpoint):
-  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
   return model_format.load_model(model_checkpoint)[1]

@@ -11,7 +11,7 @@ from flax import traverse_util
 from switch_jax import run_logging
 from switch_jax.cli import gin_config
 from switch_jax.model import losses
-from switch_jax.checkpoints import train_state
+from switch_jax.checkpoints import model_format
 from switch_jax.training import warm_start
 from switch_jax.config import get_config
 from switch_jax.errors import ConfigError
@@ -100,7 +100,7 @@ def _run(corpus, model_dir, model_file, run_file, **extra):
       "BATCH_SIZE": "8", "local_files.train": f'"{root / "train.txt"}"',
       "local_files.validation": f'"{root / "validation.txt"}"',
       "local_vocabulary_path.path": f'"{vocab}"', "ModelConfig.vocab_size": "256",
-      "train.log_period": "1", "train.eval_period": "1000", "CheckpointConfig.period": "3",
+      "LoopConfig.log_period": "1", "EvalConfig.period": "1000", "CheckpointConfig.period": "3",
       "CheckpointConfig.async_save": "False", "make_optimizer.name": "'adam'"}
   bindings.update(extra)
   gin_config.parse([model_file, run_file, "mesh/cpu8.gin"],
@@ -125,4 +125,4 @@ def test_upcycle_then_distill_back_into_a_dense_student(corpus, tmp_path, capsys
   assert len(records) == 3
   for r in records:
     assert np.isfinite(r["loss"]) and np.isfinite(r["teacher_cross_entropy"])
-  assert train_state.load_config(tmp_path / "student").num_experts == 0
+  assert model_format.load_config(tmp_path / "student").num_experts == 0

@@ -114,15 +114,6 @@ def test_no_import_cycle():
       visit(module)
 
 
-# Imports against the layer order still to be undone, each with its reason.
-# The teacher-forced eval reuses the train step's loss (`train_step.eval_step`,
-# `MODEL_INPUTS`); it goes when that loss moves below evaluation (issue #15).
-KNOWN_UPWARD = {
-    ("switch_jax.evaluation.teacher_forced", "switch_jax.training"),
-    ("switch_jax.evaluation.teacher_forced", "switch_jax.training.train_step"),
-}
-
-
 def _upward() -> set[tuple[str, str]]:
   return {(module, target) for module, targets in GRAPH.items() for target in targets
           if LAYERS.index(_layer(target)) > LAYERS.index(_layer(module))}
@@ -130,13 +121,8 @@ def _upward() -> set[tuple[str, str]]:
 
 def test_each_layer_imports_only_the_layers_before_it():
   upward = sorted(f"{module} ({_layer(module)}) imports {target} ({_layer(target)})"
-                  for module, target in _upward() - KNOWN_UPWARD)
+                  for module, target in _upward())
   assert not upward, "imports against the layer order:\n  " + "\n  ".join(upward)
-
-
-def test_known_upward_imports_are_still_there():
-  """An exception that no longer happens leaves the list, so none lingers."""
-  assert sorted(KNOWN_UPWARD - _upward()) == []
 
 
 def test_the_check_sees_deferred_imports():

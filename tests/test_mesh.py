@@ -18,6 +18,7 @@ import pytest
 
 import mesh_case
 from switch_jax import partitioning
+from switch_jax.model import losses
 from switch_jax.training import train_step as ts
 from switch_jax.errors import ConfigError
 from switch_jax.model.encoder_decoder import EncoderDecoder
@@ -31,7 +32,7 @@ def _single_device(router):
   batch = mesh_case.batch()
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch["encoder_input_tokens"],
                                         batch["decoder_input_tokens"])["params"])
-  value_and_grad = jax.jit(lambda p, b: jax.value_and_grad(ts.loss_fn, argnums=1, has_aux=True)(
+  value_and_grad = jax.jit(lambda p, b: jax.value_and_grad(losses.loss_fn, argnums=1, has_aux=True)(
       model, p, b, None))
   (loss, metrics), grads = value_and_grad(params, batch)
   return model, params, value_and_grad, loss, metrics, grads

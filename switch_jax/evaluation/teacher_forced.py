@@ -24,12 +24,12 @@ from jax.sharding import Mesh
 from switch_jax import partitioning, run_logging
 from switch_jax.data import pipeline
 from switch_jax.errors import UserError
+from switch_jax.model import losses
 from switch_jax.model.encoder_decoder import EncoderDecoder
 import switch_jax.tasks  # noqa: F401  pylint: disable=unused-import  # registers the tasks datasets name
-from switch_jax.training import train_step
 
 
-_BATCH_FEATURES = train_step.MODEL_INPUTS + ("decoder_loss_weights",)
+_BATCH_FEATURES = losses.MODEL_INPUTS + ("decoder_loss_weights",)
 
 
 def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -57,7 +57,7 @@ def _weighted_eval_step(model: EncoderDecoder, mesh: Mesh):
   """Jitted `(params, batch) -> {metric: value * real target tokens}`."""
 
   def step(params, batch):
-    metrics = train_step.eval_step(params, batch, model=model)
+    metrics = losses.eval_step(params, batch, model=model)
     tokens = metrics.pop("num_tokens")
     weighted = {k: v * tokens for k, v in metrics.items()}
     weighted["num_tokens"] = tokens

@@ -3,11 +3,13 @@
 The training loss is normalized by the number of real target tokens. Router
 losses are averaged over Switch layers (as t5x's MoE models do) and scaled
 by their factors: `aux_loss_factor * mean_l aux_l + router_z_loss_factor *
-mean_l z_l`.
+mean_l z_l`. `loss_fn` is the model's loss on a batch (as t5x's models.py
+holds it), shared by the train step and the teacher-forced evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Optional
 
 import jax
@@ -15,8 +17,12 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from switch_jax.config import ModelConfig
+from switch_jax.model.encoder_decoder import EncoderDecoder
 
 Array = jax.Array
+Batch = Mapping[str, Array]
+MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+                "encoder_segment_ids", "decoder_segment_ids")
 
 
 def cross_entropy(logits: Array, targets: Array, weights: Optional[Array] = None,
@@ -150,3 +156,52 @@ def sequence_scores(logits: Array, targets: Array, weights: Optional[Array] = No
   """<float32>[B] summed target negative log-likelihood of each sequence."""
   nll, _ = cross_entropy(logits, targets, weights)
   return jnp.sum(nll, axis=-1)
+
+
+def apply_model(model: EncoderDecoder, params, batch: Batch, *, deterministic: bool,
+                dropout_key: Optional[Array] = None):
+  """Teacher-forced logits <float32>[B, L, V] and the sown 'moe' collection."""
+  args = [batch.get(name) for name in MODEL_INPUTS]
+  rngs = {"dropout": dropout_key} if dropout_key is not None else {}
+  logits, state = model.apply({"params": params}, *args, deterministic=deterministic,
+                              rngs=rngs, mutable=["moe"])
+  return logits, state.get("moe")
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A distillation teacher: its model (eval mode) and the loss weight of
+  its soft targets. Its parameters travel as a step argument."""
+  model: EncoderDecoder
+  weight: float = 0.25
+
+
+def loss_fn(model: EncoderDecoder, params, batch: Batch, dropout_key: Optional[Array], *,
+            z_loss: float = 1e-4, deterministic: bool = False,
+            num_tokens: Optional[Array] = None, num_microbatches: int = 1,
+            teacher: Optional[Teacher] = None, teacher_params=None):
+  """The training loss of a (micro)batch and its metrics.
+
+  For microbatch k of M, `num_tokens` is the whole batch's real target
+  tokens: the token terms are renormalized to it and the router terms (means
+  over layers) divided by M, so the M microbatch losses sum to the batch's.
+  """
+  logits, moe = apply_model(model, params, batch, deterministic=deterministic,
+                            dropout_key=dropout_key)
+  teacher_logits = None
+  if teacher is not None:
+    teacher_logits, _ = apply_model(teacher.model, teacher_params, batch, deterministic=True)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  loss, metrics = total_loss(model.config, logits, batch, moe, z_loss=z_loss,
+                             teacher_logits=teacher_logits,
+                             teacher_weight=teacher.weight if teacher else 0.0)
+  if num_tokens is not None:
+    token_terms = loss - metrics.get("router_aux_loss", 0.0) - metrics.get("router_z_loss", 0.0)
+    router_terms = loss - token_terms
+    loss = token_terms * metrics["num_tokens"] / num_tokens + router_terms / num_microbatches
+  return loss, metrics
+
+
+def eval_step(params, batch: Batch, *, model: EncoderDecoder, z_loss: float = 1e-4) -> dict:
+  _, metrics = loss_fn(model, params, batch, None, z_loss=z_loss, deterministic=True)
+  return metrics

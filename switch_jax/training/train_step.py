@@ -1,4 +1,4 @@
-"""The partitioned train and eval steps.
+"""The partitioned train step (the loss itself is model/losses.py's `loss_fn`).
 
 A `TrainState` (step, params, optimizer state) lives sharded on the mesh;
 `make_train_step` jits one optimizer step with the state's shardings in and
@@ -9,7 +9,6 @@ accumulating over microbatches gives the same update as one large batch.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Mapping, Optional
 
@@ -21,14 +20,12 @@ import optax
 from jax.sharding import Mesh
 
 from switch_jax import partitioning
-from switch_jax.model import losses
 from switch_jax.errors import ConfigError
 from switch_jax.model.encoder_decoder import EncoderDecoder
+from switch_jax.model.losses import Teacher, loss_fn
 
 Array = jax.Array
 Batch = Mapping[str, Array]
-MODEL_INPUTS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
-                "encoder_segment_ids", "decoder_segment_ids")
 
 
 @flax.struct.dataclass
@@ -36,50 +33,6 @@ class TrainState:
   step: Array
   params: Any
   opt_state: Any
-
-
-def apply_model(model: EncoderDecoder, params, batch: Batch, *, deterministic: bool,
-                dropout_key: Optional[Array] = None):
-  """Teacher-forced logits <float32>[B, L, V] and the sown 'moe' collection."""
-  args = [batch.get(name) for name in MODEL_INPUTS]
-  rngs = {"dropout": dropout_key} if dropout_key is not None else {}
-  logits, state = model.apply({"params": params}, *args, deterministic=deterministic,
-                              rngs=rngs, mutable=["moe"])
-  return logits, state.get("moe")
-
-
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-  """A distillation teacher: its model (eval mode) and the loss weight of
-  its soft targets. Its parameters travel as a step argument."""
-  model: EncoderDecoder
-  weight: float = 0.25
-
-
-def loss_fn(model: EncoderDecoder, params, batch: Batch, dropout_key: Optional[Array], *,
-            z_loss: float = 1e-4, deterministic: bool = False,
-            num_tokens: Optional[Array] = None, num_microbatches: int = 1,
-            teacher: Optional[Teacher] = None, teacher_params=None):
-  """The training loss of a (micro)batch and its metrics.
-
-  For microbatch k of M, `num_tokens` is the whole batch's real target
-  tokens: the token terms are renormalized to it and the router terms (means
-  over layers) divided by M, so the M microbatch losses sum to the batch's.
-  """
-  logits, moe = apply_model(model, params, batch, deterministic=deterministic,
-                            dropout_key=dropout_key)
-  teacher_logits = None
-  if teacher is not None:
-    teacher_logits, _ = apply_model(teacher.model, teacher_params, batch, deterministic=True)
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
-  loss, metrics = losses.total_loss(model.config, logits, batch, moe, z_loss=z_loss,
-                                    teacher_logits=teacher_logits,
-                                    teacher_weight=teacher.weight if teacher else 0.0)
-  if num_tokens is not None:
-    token_terms = loss - metrics.get("router_aux_loss", 0.0) - metrics.get("router_z_loss", 0.0)
-    router_terms = loss - token_terms
-    loss = token_terms * metrics["num_tokens"] / num_tokens + router_terms / num_microbatches
-  return loss, metrics
 
 
 def _microbatches(batch: Batch, num_microbatches: int) -> Batch:
@@ -141,11 +94,6 @@ def train_step(state: TrainState, batch: Batch, rng: Array, teacher_params=None,
   metrics["finite"] = finite.astype(jnp.float32)
   return TrainState(state.step + 1, keep(params, state.params),
                     keep(opt_state, state.opt_state)), metrics
-
-
-def eval_step(params, batch: Batch, *, model: EncoderDecoder, z_loss: float = 1e-4) -> dict:
-  _, metrics = loss_fn(model, params, batch, None, z_loss=z_loss, deterministic=True)
-  return metrics
 
 
 def init_fn(model: EncoderDecoder, optimizer: optax.GradientTransformation, batch_size: int,

@@ -341,7 +341,7 @@ def _make_step(model, tx, mesh, shardings, step_config: StepConfig, distill: Dis
   teacher, teacher_args = None, ()
   if distill.teacher_checkpoint_path is not None:
     teacher_model, teacher_params = _load_other_model(distill.teacher_checkpoint_path, mesh)
-    teacher, teacher_args = ts.Teacher(teacher_model, distill.teacher_weight), (teacher_params,)
+    teacher, teacher_args = losses.Teacher(teacher_model, distill.teacher_weight), (teacher_params,)
   step_fn = ts.make_train_step(
       model, tx, mesh, shardings, num_microbatches=step_config.num_microbatches,
       z_loss=step_config.z_loss, teacher=teacher,

@@ -42,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   # pylint: disable-next=import-outside-toplevel
   from switch_jax.evaluation import restore, teacher_forced
-  from switch_jax.checkpoints import train_state  # pylint: disable=import-outside-toplevel
+  from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
   from switch_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   inputs, targets = (int(n) for n in args.lengths.split(","))
   dataset = pipeline.DatasetConfig(args.task, {"inputs": inputs, "targets": targets},
@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    shuffle=False, pack=args.pack, num_epochs=1)
   batches = [b for _, b in zip(range(args.batches), pipeline.get_eval_batches(dataset))]
   for run_dir in args.runs:
-    config = train_state.load_config(run_dir)
+    config = model_format.load_config(run_dir)
     model, params, mesh = restore.restore_for_eval(run_dir, config, (1, 1, 1))
     real, swapped = (teacher_forced.eval_metrics(model, params, iter(b), mesh=mesh,
                                                   batch_size=args.batch_size)["cross_entropy"]

@@ -1,3 +1,4 @@
 """The network: T5 blocks (`layers`), the encoder-decoder (`encoder_decoder`),
-its losses and parameter counts, and the mixture of experts inside it (`moe/`).
+its loss on a batch (`losses`) and parameter counts (`param_count`), and the
+mixture of experts inside it (`moe/`).
 """

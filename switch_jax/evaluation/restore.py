@@ -20,7 +20,7 @@ def restore_params(checkpoint_path, model: EncoderDecoder, mesh: Mesh):
   """The checkpoint's parameters, each written straight onto its shards."""
   boxed = abstract_params(model.config)
   target = train_state.abstract_like(nn.unbox(boxed),
-                                           partitioning.logical_to_sharding(boxed, mesh))
+                                     partitioning.logical_to_sharding(boxed, mesh))
   return model_format.load_params(checkpoint_path, target)
 
 

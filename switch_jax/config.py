@@ -15,7 +15,20 @@ from typing import Optional
 from switch_jax.errors import ConfigError
 
 ROUTERS = ("top1", "top2", "expert_choice", "dropless")
-DISPATCHES = ("auto", "reference", "gather", "looped", "compact", "ragged", "bucketed")
+CAPACITY_ROUTERS = ("top1", "top2", "expert_choice")
+# The one vocabulary of the Switch layer's expert kernels: the value of
+# `ModelConfig.dispatch` -> the routers it serves. model/moe/dispatch.py
+# implements every kernel under the same name; switch_layer.py picks 'auto'
+# and refuses a kernel its router or mesh cannot run.
+DISPATCHES = {
+    "auto": ROUTERS,  # the backend's fastest (switch_layer.auto_dispatch)
+    "reference": ROUTERS,  # the plain loop the tests hold the others to; one device
+    "gather": CAPACITY_ROUTERS,
+    "looped": CAPACITY_ROUTERS,
+    "compact": ("top1", "top2"),  # the filled slots only; experts on one device
+    "ragged": ("dropless",),
+    "bucketed": ("dropless",),
+}
 FFN_ACTIVATIONS = ("relu", "geglu")
 DTYPES = ("float32", "bfloat16")
 
@@ -71,8 +84,8 @@ class ModelConfig:
   expert_dropout_rate: Optional[float] = None  # None: same as dropout_rate
   aux_loss_factor: float = 1e-2
   router_z_loss_factor: float = 0.0
-  # The expert kernel: 'auto' is the backend's fastest (switch_layer.auto_dispatch;
-  # docs/performance.md); 'reference' is the plain loop the tests hold the others to.
+  # The expert kernel, a key of DISPATCHES: 'auto' is the backend's fastest
+  # (docs/performance.md); 'reference' is the plain loop the tests hold the others to.
   dispatch: str = "auto"
 
   def __post_init__(self):
@@ -96,7 +109,7 @@ class ModelConfig:
     need(self.decoder_router is None or self.decoder_router in ROUTERS,
          f"decoder_router must be None or one of {ROUTERS}, got {self.decoder_router!r}")
     need(self.dispatch in DISPATCHES,
-         f"dispatch must be one of {DISPATCHES}, got {self.dispatch!r}")
+         f"dispatch must be one of {tuple(DISPATCHES)}, got {self.dispatch!r}")
     need(self.num_experts >= 0, f"num_experts must be >= 0, got {self.num_experts}")
     need(self.sparse_every >= 0, "sparse_every must be >= 0 (0 = no sparse layer)")
     need(self.sparse_every == 0 or 0 <= self.sparse_offset < self.sparse_every,

@@ -22,7 +22,8 @@ from switch_jax.config import ModelConfig
 from switch_jax.errors import ConfigError
 
 MESH_AXES = ("data", "expert", "model")
-BATCH_AXES = ("expert", "data")
+EXPERT_AXIS = "expert"  # splits the experts; the Switch layer's all-to-alls run over it
+BATCH_AXES = (EXPERT_AXIS, "data")  # the batch is split over both (t5x MoE)
 
 # logical axis -> mesh axis (None: replicated).
 LOGICAL_AXIS_RULES = (
@@ -32,7 +33,7 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "model"),
     ("heads", "model"),
     ("kv", None),
-    ("expert", "expert"),
+    ("expert", EXPERT_AXIS),
     ("unmodeled", None),
     ("relpos_buckets", None),
     ("length", None),

@@ -130,6 +130,16 @@ def test_meshes_that_do_not_fit_fail_before_compiling():
   partitioning.check_fits(cfg, (2, 4, 1), global_batch_size=16)
 
 
+def test_compact_kernel_is_refused_on_an_expert_mesh_not_swapped():
+  # 'compact' packs the filled slots of experts on one device; 'auto' picks
+  # 'looped' on an expert mesh instead (the mesh tests above run it).
+  model = EncoderDecoder(mesh_case.config(dispatch="compact"))
+  tokens = jnp.ones((8, 8), jnp.int32)
+  with jax.set_mesh(partitioning.make_mesh((2, 4, 1))):
+    with pytest.raises(ConfigError, match="dispatch 'compact' .* over 4 devices; use 'auto'"):
+      jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))

@@ -1,4 +1,5 @@
 """The mixture of experts: routers as pure functions (`routing`), the Switch
-layer (`switch_layer`), the expert kernels it dispatches to (`dispatch`) and
+layer (`switch_layer`), its data path and kernel registry (`dispatch`), the
+expert kernels (`kernels`, and `cpu_kernels` for the XLA:CPU-only one) and
 the plain reference every fast path is tested against (`reference`).
 """

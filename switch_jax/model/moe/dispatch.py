@@ -1,4 +1,5 @@
-"""The Switch layer's data path over one device's routing groups.
+"""The Switch layer's data path over one device's routing groups: slot
+layout, all-to-alls, and the registry of expert kernels.
 
 Everything here is a pure function of arrays, so switch_layer.py can run it
 as is on one device or inside `jax.shard_map` on a mesh. On a mesh the
@@ -6,8 +7,8 @@ expert weights arrive as this device's slice (experts split over the
 `expert` axis, d_ff over `model`) and the tokens reach their experts with
 one all-to-all each way over `expert`, in the activation dtype.
 
-The expert kernels (switch_layer.py picks one per backend; measured in
-docs/performance.md):
+The expert kernels, one per `ModelConfig.dispatch` value (config.DISPATCHES
+says which routers each serves; measured in docs/performance.md):
 - 'gather' (capacity routers): slots gathered expert-major into
   [E, G * C, d], one batched matmul per weight with the batch dim first and
   the contracting dims where XLA's GEMMs want them, so neither the matmuls
@@ -15,13 +16,13 @@ docs/performance.md):
 - 'looped' (capacity routers): the same per expert in a scan, which keeps
   XLA:CPU from repacking every expert's weights on each call.
 - 'compact' (top-1/top-2, CPU): only the filled slots, packed by expert,
-  through the 'bucketed' matmuls below, so the slack of a capacity factor
-  above 1 costs no FLOPs; with experts split over devices the all-to-all
-  needs the fixed [E, G, C, d] buffers and 'looped' runs instead.
+  through the bucketed matmuls, so the slack of a capacity factor above 1
+  costs no FLOPs. The all-to-all needs the fixed [E, G, C, d] buffers, so
+  it runs only with every expert on this device (switch_layer.py refuses
+  it on an expert mesh).
 - 'ragged' (dropless): `jax.lax.ragged_dot`, a grouped GEMM on GPU and TPU;
   XLA:CPU runs it as every row times every expert.
-- 'bucketed' (dropless, CPU): each expert's rows in one matmul whose height
-  is the smallest of a few static sizes that holds them.
+- 'bucketed' (dropless, CPU): cpu_kernels.py's bucketed grouped matmuls.
 Gathers whose index is a partial permutation get their gradient as a gather
 by the inverse index, never as a scatter-add.
 
@@ -31,292 +32,43 @@ C capacity, d model width, f expert width (f_l on this device).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from switch_jax.config import DISPATCHES
+from switch_jax.errors import ConfigError
 from switch_jax.model.moe import routing
+from switch_jax.model.moe.cpu_kernels import experts_bucketed
+from switch_jax.model.moe.kernels import (ExpertShards, LayerSpec, experts_gather, experts_looped,
+                                          experts_ragged)
 
 Array = jax.Array
 
-
-@dataclasses.dataclass(frozen=True)
-class ExpertShards:
-  """Mesh axes the experts are split over, seen from inside `shard_map`.
-
-  Attributes:
-    expert_axis: axis splitting the experts (the all-to-all runs over it).
-    num_expert_shards: its size.
-    model_axis: axis splitting the experts' hidden width (outputs are
-      summed over it), or None.
-    device_axes: the axes to give each device its own dropout mask over.
-  """
-  expert_axis: str
-  num_expert_shards: int
-  model_axis: Optional[str]
-  device_axes: tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-  """The static settings of a Switch layer's data path."""
-  router: str
-  activation: str
-  capacity: int
-  batch_prioritized: bool = False
-  dropout_rate: float = 0.0
-
-
-def _dropout(h: Array, rate: float, key: Optional[Array], shards: Optional[ExpertShards]):
-  if key is None or rate == 0.0:
-    return h
-  if shards is not None:  # one mask per device, not one shared by all
-    for axis in shards.device_axes:
-      key = jax.random.fold_in(key, jax.lax.axis_index(axis))
-  keep = jax.random.bernoulli(key, 1.0 - rate, h.shape)
-  return jnp.where(keep, h / (1.0 - rate), 0.0).astype(h.dtype)
-
-
-def _dropout_multiplier(shape, dtype, spec: LayerSpec, key: Optional[Array],
-                        shards: Optional[ExpertShards]) -> Optional[Array]:
-  """`_dropout` of ones: the multiplier kernels that apply dropout inside
-  their own loops take (the same mask for the same key), or None."""
-  if key is None or spec.dropout_rate <= 0:
-    return None
-  return _dropout(jnp.ones(shape, dtype), spec.dropout_rate, key, shards)
-
-
-def _input_names(weights: dict) -> tuple[str, ...]:
-  return ("wi",) if "wi" in weights else ("wi_0", "wi_1")
-
-
-def _activate(activation: str, pre: tuple, keep: Optional[Array] = None) -> Array:
-  """The hidden units from the input projections' outputs, times the
-  dropout multiplier `keep` if any."""
-  h = jax.nn.relu(pre[0]) if activation == "relu" else (
-      jax.nn.gelu(pre[0], approximate=True) * pre[1])
-  return h if keep is None else h * keep
-
-
-def _sum_over_model(y: Array, shards: Optional[ExpertShards]) -> Array:
-  """Each model shard holds a slice of f: its `h wo` is a partial sum."""
-  if shards is not None and shards.model_axis is not None:
-    return jax.lax.psum(y, shards.model_axis)
-  return y
-
-
-def _batched_matmul(a: Array, w: Array) -> Array:
-  """<dtype>[E, R, k] x [E, k, n] -> [E, R, n]. As a dot_general with the
-  expert dim first XLA's layouts need no transposes (an einsum over
-  [G, E, C, d] made XLA:CPU copy every activation, 1.6x slower)."""
-  return lax.dot_general(a, w.astype(a.dtype), (((2,), (1,)), ((0,), (0,))))
-
-
-def experts_dense(x: Array, weights: dict, spec: LayerSpec, dropout_key, shards) -> Array:
-  """<dtype>[E_l, R, d] -> [E_l, R, d]: every expert on its R rows."""
-  pre = tuple(_batched_matmul(x, weights[name]) for name in _input_names(weights))
-  h = _dropout(_activate(spec.activation, pre), spec.dropout_rate, dropout_key, shards)
-  return _sum_over_model(_batched_matmul(h, weights["wo"]), shards)
-
-
-def experts_looped(x: Array, weights: dict, spec: LayerSpec, dropout_key, shards) -> Array:
-  """`experts_dense` one expert at a time, in a scan. XLA:CPU's batched
-  matmul packs every expert's weights into freshly allocated memory on
-  each call (E x 4 MiB per weight here), paying page faults for all of it;
-  one expert per step keeps each matmul's buffers small and reused."""
-  keep = _dropout_multiplier(x.shape[:2] + (weights["wo"].shape[1],), x.dtype, spec,
-                             dropout_key, shards)  # experts_dense's mask
-
-  def expert(_, inputs):
-    rows, w, mask = inputs
-    pre = tuple(rows @ w[name].astype(x.dtype) for name in _input_names(w))
-    return None, _activate(spec.activation, pre, mask) @ w["wo"].astype(x.dtype)
-
-  _, y = lax.scan(expert, None, (x, weights, keep))
-  return _sum_over_model(y, shards)
-
-
-def experts_ragged(x: Array, group_sizes: Array, weights: dict, spec: LayerSpec, dropout_key,
-                   shards) -> Array:
-  """<dtype>[N, d] rows sorted by expert, <int32>[E_l] rows each -> [N, d].
-
-  Rows past `sum(group_sizes)` come out 0.
-  """
-  matmul = lambda a, w: jax.lax.ragged_dot(a, w.astype(a.dtype), group_sizes)
-  pre = tuple(matmul(x, weights[name]) for name in _input_names(weights))
-  h = _dropout(_activate(spec.activation, pre), spec.dropout_rate, dropout_key, shards)
-  return _sum_over_model(matmul(h, weights["wo"]), shards)
-
-
-# Bucketed grouped matmul. XLA needs static shapes, so expert e's c_e rows
-# run in one matmul of height `bucket(c_e)`, the smallest bucket >= c_e;
-# the extra rows are computed and thrown away. Buckets step by 1/16 of the
-# mean rows per expert around the mean (where a balanced router puts
-# nearly every expert: ~3% wasted rows) and double outside it. One loop per
-# bucket over its experts keeps the output buffers in place (a `switch`
-# inside one loop copied them every iteration), and a hand-written VJP
-# stands in for reverse-mode of loops with data-dependent trip counts.
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def bucket_sizes(num_rows: int, num_experts: int) -> tuple[int, ...]:
-  """The static matmul heights for `num_rows` rows over `num_experts`."""
-  mean = max(1, -(-num_rows // num_experts))
-  step = _round_up(max(1, mean // 16), 8)
-  top = _round_up(num_rows, 8)
-  low, high = _round_up(3 * mean // 4, step), _round_up(3 * mean // 2, step)
-  sizes = set(range(low, high + 1, step))
-  size = low
-  while size > 8:
-    size = _round_up(size // 2, 8)
-    sizes.add(size)
-  size = high
-  while size < top:
-    size = min(2 * size, top)
-    sizes.add(size)
-  return tuple(sorted(s for s in sizes | {top} if s <= top))
-
-
-def _bucket_pad(sizes: tuple[int, ...]) -> int:
-  """Rows past the end a bucket can reach: its height minus the rows it holds."""
-  return max(b - a for a, b in zip((0,) + sizes, sizes))
-
-
-def _for_each_expert(sizes, group_sizes: Array, body, carry):
-  """`carry = body(size, e, start, count, carry)` for every expert with rows,
-  one loop per bucket."""
-  starts = jnp.cumsum(group_sizes) - group_sizes
-  bucket = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), group_sizes).astype(jnp.int32)
-  bucket = jnp.where(group_sizes > 0, bucket, len(sizes))
-  order = jnp.argsort(bucket, stable=True)
-  per_bucket = jnp.bincount(bucket, length=len(sizes) + 1)
-  first = jnp.cumsum(per_bucket) - per_bucket
-  for b, size in enumerate(sizes):
-    step = lambda i, c, size=size: body(size, order[i], starts[order[i]],
-                                        group_sizes[order[i]], c)
-    carry = lax.fori_loop(first[b], first[b] + per_bucket[b], step, carry)
-  return carry
-
-
-def _rows(a: Optional[Array], start, size: int) -> Optional[Array]:
-  return None if a is None else lax.dynamic_slice_in_dim(a, start, size)
-
-
-def _merge(buffer: Array, rows: Array, start, live: Array) -> Array:
-  """Writes `rows` at `start`, except where not `live` (another expert's rows)."""
-  old = lax.dynamic_slice_in_dim(buffer, start, rows.shape[0])
-  return lax.dynamic_update_slice_in_dim(buffer, jnp.where(live, rows, old), start, 0)
-
-
-def _pad_rows(a: Optional[Array], pad: int) -> Optional[Array]:
-  return None if a is None else jnp.pad(a, ((0, pad), (0, 0)))
-
-
-def _varying_axes(a) -> frozenset:
-  return jax.typeof(a).manual_axis_type.varying
-
-
-def _varying(init, *like):
-  """`init` marked as varying over every mesh axis that `like` varies over:
-  inside `shard_map` a loop's carry must keep one type (no-op outside)."""
-  axes = set().union(*(_varying_axes(a) for a in jax.tree.leaves(like))) - _varying_axes(init)
-  return lax.pcast(init, tuple(sorted(axes)), to="varying") if axes else init
-
-
-def _summed_like(cotangent, primal):
-  """The cotangent of an input that every shard along some axes shared (the
-  weights across batch shards, the rows across model shards) sums theirs."""
-  axes = _varying_axes(cotangent) - _varying_axes(primal)
-  return lax.psum(cotangent, tuple(sorted(axes))) if axes else cotangent
-
-
-def _expert(w: Array, e, dtype) -> Array:
-  return lax.dynamic_index_in_dim(w, e, keepdims=False).astype(dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _bucketed_ffn(sizes, activation, x, group_sizes, weights, keep):
-  return _bucketed_fwd(sizes, activation, x, group_sizes, weights, keep)[0]
-
-
-def _bucketed_fwd(sizes, activation, x, group_sizes, weights, keep):
-  num_rows, d = x.shape
-  pad, names = _bucket_pad(sizes), _input_names(weights)
-  xp, keep = _pad_rows(x, pad), _pad_rows(keep, pad)
-  f = weights["wo"].shape[1]
-
-  def body(size, e, start, count, carry):
-    out, pre = carry
-    rows = _rows(xp, start, size)
-    a = tuple(rows @ _expert(weights[name], e, x.dtype) for name in names)
-    y = _activate(activation, a, _rows(keep, start, size)) @ _expert(weights["wo"], e, x.dtype)
-    live = (jnp.arange(size) < count)[:, None]
-    return _merge(out, y, start, live), tuple(_merge(p, v, start, live) for p, v in zip(pre, a))
-
-  inputs = (x, weights, keep)
-  empty = _varying(jnp.zeros((num_rows + pad, d), x.dtype), *inputs)
-  pre = tuple(_varying(jnp.zeros((num_rows + pad, f), x.dtype), *inputs) for _ in names)
-  out, pre = _for_each_expert(sizes, group_sizes, body, (empty, pre))
-  return out[:num_rows], (xp, group_sizes, weights, keep, pre)
-
-
-def _bucketed_bwd(sizes, activation, residuals, dy):
-  xp, group_sizes, weights, keep, pre = residuals
-  names, dtype = _input_names(weights), xp.dtype
-  dyp = _pad_rows(dy, xp.shape[0] - dy.shape[0])
-  t_matmul = lambda a, b, out: lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                                               preferred_element_type=out)  # a^T b
-
-  def body(size, e, start, count, carry):
-    dx, dw = carry
-    live = (jnp.arange(size) < count)[:, None]
-    g = jnp.where(live, _rows(dyp, start, size), 0)  # other experts' rows add nothing
-    a = tuple(_rows(p, start, size) for p in pre)
-    mask = _rows(keep, start, size)
-    h, activation_vjp = jax.vjp(lambda *a: _activate(activation, a, mask), *a)
-    dw = dict(dw)
-    dw["wo"] = lax.dynamic_update_index_in_dim(dw["wo"], t_matmul(h, g, dw["wo"].dtype), e, 0)
-    da = activation_vjp(g @ _expert(weights["wo"], e, dtype).T)
-    rows = _rows(xp, start, size)
-    dx_rows = 0
-    for name, da_j in zip(names, da):
-      dx_rows = dx_rows + da_j @ _expert(weights[name], e, dtype).T
-      dw[name] = lax.dynamic_update_index_in_dim(dw[name], t_matmul(rows, da_j, dw[name].dtype),
-                                                 e, 0)
-    return _merge(dx, dx_rows, start, live), dw
-
-  inputs = (xp, weights, keep, pre, dy)
-  dw = {name: _varying(jnp.zeros_like(w), *inputs) for name, w in weights.items()}
-  dx = _varying(jnp.zeros_like(xp), *inputs)
-  dx, dw = _for_each_expert(sizes, group_sizes, body, (dx, dw))
-  dw = {name: _summed_like(g, weights[name]) for name, g in dw.items()}
-  return _summed_like(dx[:dy.shape[0]], xp), None, dw, None
-
-
-_bucketed_ffn.defvjp(_bucketed_fwd, _bucketed_bwd)
-
-
-def experts_bucketed(x: Array, group_sizes: Array, weights: dict, spec: LayerSpec, dropout_key,
-                     shards) -> Array:
-  """`experts_ragged` with bucketed matmuls (same rows in and out, and the
-  same dropout mask for the same key)."""
-  keep = _dropout_multiplier((x.shape[0], weights["wo"].shape[1]), x.dtype, spec, dropout_key,
-                             shards)
-  sizes = bucket_sizes(x.shape[0], group_sizes.shape[0])
-  y = _bucketed_ffn(sizes, spec.activation, x, group_sizes, weights, keep)
-  return _sum_over_model(y, shards)
-
-
-# Dispatch paths (ModelConfig.dispatch) and their expert kernels.
-CAPACITY_KERNELS = {"gather": experts_dense, "looped": experts_looped}
-DROPLESS_KERNELS = {"ragged": experts_ragged, "bucketed": experts_bucketed}
+# Each `ModelConfig.dispatch` kernel's expert FFN ('compact' runs the
+# bucketed one on the filled slots only, see `_filled_slots`).
+EXPERT_KERNELS = {"gather": experts_gather, "looped": experts_looped,
+                  "compact": experts_bucketed, "ragged": experts_ragged,
+                  "bucketed": experts_bucketed}
+assert set(EXPERT_KERNELS) == set(DISPATCHES) - {"auto", "reference"}, "one vocabulary"
+
+
+def check_dispatch(dispatch: str, router: str, shards: Optional[ExpertShards]) -> None:
+  """Raises ConfigError, naming the fix, if kernel `dispatch` (not 'auto')
+  cannot run `router` on the mesh `shards` describes (None: one device)."""
+  if router not in DISPATCHES[dispatch]:
+    usable = [name for name, routers in DISPATCHES.items() if router in routers]
+    serves = ("the dropless router's path" if DISPATCHES[dispatch] == ("dropless",)
+              else f"for the routers {DISPATCHES[dispatch]}")
+    raise ConfigError(f"dispatch {dispatch!r} is {serves}; router {router!r} uses one of "
+                      f"{usable}")
+  if dispatch == "reference" and shards is not None:
+    raise ConfigError("dispatch 'reference' runs on one device; use 'auto' on a mesh")
+  if dispatch == "compact" and shards is not None and shards.num_expert_shards > 1:
+    raise ConfigError(f"dispatch 'compact' packs the filled slots of experts on one device, "
+                      f"but the mesh splits the experts over {shards.num_expert_shards} "
+                      f"devices; use 'auto', 'looped' or 'gather' there")
 
 
 @jax.custom_vjp
@@ -365,12 +117,11 @@ def _from_experts(x: Array, shards: Optional[ExpertShards]) -> Array:
 
 def slot_forward(x: Array, valid: Array, probs: Array, weights: dict, spec: LayerSpec,
                  dropout_key=None, shards: Optional[ExpertShards] = None,
-                 kernel: str = "gather") -> tuple[Array, routing.RouterStats]:
+                 dispatch: str = "gather") -> tuple[Array, routing.RouterStats]:
   """Capacity routing: gather into [E, G, C, d] slots, run experts, gather back.
 
-  `kernel` is a key of CAPACITY_KERNELS or 'compact', which runs only the
-  filled slots (see `_filled_slots`) where every expert is on this device
-  and the router fills each slot once (top-1, top-2), and 'looped' else.
+  `dispatch` is a kernel of config.DISPATCHES serving `spec.router`
+  (`check_dispatch`).
 
   Args:
     x: <dtype>[G, S, d] tokens; valid: <bool>[G, S]; probs: <float32>[G, S, E].
@@ -378,6 +129,7 @@ def slot_forward(x: Array, valid: Array, probs: Array, weights: dict, spec: Laye
   Returns:
     <dtype>[G, S, d] (0 for dropped tokens) and this device's router stats.
   """
+  check_dispatch(dispatch, spec.router, shards)
   groups, tokens, d = x.shape
   num_experts, capacity = probs.shape[-1], spec.capacity
   if spec.router == "expert_choice":
@@ -401,13 +153,12 @@ def slot_forward(x: Array, valid: Array, probs: Array, weights: dict, spec: Laye
     row = jnp.where(plan.token_slot < num_experts * capacity,
                     (expert * groups + group[..., None]) * capacity + slot, num_slots)
     row = row.reshape(num_tokens, -1)  # [T, K] each token's slot rows
-    if kernel == "compact" and (shards is None or shards.num_expert_shards == 1):
+    if dispatch == "compact":
       out, row = _filled_slots(flat_x, source, row, weights, spec, dropout_key, shards)
       return _combine(out, row, plan.token_weight, x.shape), stats
     dispatched = take_rows(flat_x, source, row)
-  kernel = "looped" if kernel == "compact" else kernel
   local = _to_experts(dispatched.reshape(num_experts, groups, capacity, d), shards)
-  out = CAPACITY_KERNELS[kernel](local.reshape(local.shape[0], -1, d), weights, spec,
+  out = EXPERT_KERNELS[dispatch](local.reshape(local.shape[0], -1, d), weights, spec,
                                  dropout_key, shards)
   out = _from_experts(out.reshape(local.shape), shards).reshape(num_slots, d)
   if plan.token_slot is None:
@@ -450,13 +201,14 @@ def _combine(out: Array, row: Array, token_weight: Array, shape) -> Array:
 
 def dropless_forward(x: Array, valid: Array, probs: Array, weights: dict, spec: LayerSpec,
                      dropout_key=None, shards: Optional[ExpertShards] = None,
-                     kernel: str = "ragged") -> tuple[Array, routing.RouterStats]:
+                     dispatch: str = "ragged") -> tuple[Array, routing.RouterStats]:
   """No capacity: sort this device's tokens by expert, grouped matmul, unsort.
 
   Without a capacity groups do not change the outputs, so all local tokens
   are sorted together; the statistics are still per group. Each token takes
   its top-1 expert, or its top-2 for `spec.router == 'top2'` (a top-2 layer
-  while generating). `kernel` is a key of DROPLESS_KERNELS.
+  while generating). `dispatch` is a kernel serving the dropless router
+  in config.DISPATCHES.
   """
   groups, tokens, d = x.shape
   total = groups * tokens
@@ -467,7 +219,7 @@ def dropless_forward(x: Array, valid: Array, probs: Array, weights: dict, spec: 
   position = _inverse(plan.order, plan.order.shape[0])
   token_rows = position.reshape(-1, total).T  # [T, K]
   rows = take_rows(x.reshape(total, d), plan.order % total, token_rows)
-  experts = DROPLESS_KERNELS[kernel]
+  experts = EXPERT_KERNELS[dispatch]
   if shards is None or shards.num_expert_shards == 1:
     rows = experts(rows, plan.group_sizes, weights, spec, dropout_key, shards)
   else:

@@ -19,16 +19,20 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from switch_jax.config import DISPATCHES, ModelConfig
+from switch_jax.errors import ConfigError
+from switch_jax.model.layers import activation_dtype, ffn_input_names, kernel_init, param
 from switch_jax.model.moe import dispatch
 from switch_jax.model.moe import reference
 from switch_jax.model.moe import routing
-from switch_jax.config import ModelConfig
-from switch_jax.errors import ConfigError
-from switch_jax.model.layers import activation_dtype, ffn_input_names, kernel_init, param
+from switch_jax.partitioning import BATCH_AXES, EXPERT_AXIS, LOGICAL_AXIS_RULES
 
 Array = jax.Array
 MOE_COLLECTION = "moe"
-BATCH_AXES = ("expert", "data")  # the batch is split over both (t5x MoE)
+# Logical axes of the expert weights: partitioning.LOGICAL_AXIS_RULES places
+# them on the mesh, for the parameters and for the layer's shard_map alike.
+EXPERT_IN_AXES = ("expert", "embed", "mlp")  # wi, wi_0, wi_1 [E, d, f]
+EXPERT_OUT_AXES = ("expert", "mlp", "embed")  # wo [E, f, d]
 
 
 def group_layout(num_tokens: int, group_size: int, multiple_of: int = 1) -> tuple[int, int]:
@@ -74,18 +78,29 @@ def from_groups(y: Array, batch: int, length: int, shards: int) -> Array:
 def mesh_layout(num_experts: int) -> tuple[tuple[str, ...], Optional[dispatch.ExpertShards]]:
   """The batch axes and expert sharding of the mesh in context, if any."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or "expert" not in mesh.axis_names or math.prod(mesh.shape.values()) == 1:
+  if mesh.empty or EXPERT_AXIS not in mesh.axis_names or math.prod(mesh.shape.values()) == 1:
     return (), None
   sizes = dict(mesh.shape)
-  if num_experts % sizes["expert"]:
+  if num_experts % sizes[EXPERT_AXIS]:
     raise ConfigError(f"{num_experts} experts cannot be split over an expert axis of "
-                      f"{sizes['expert']} devices; use a divisor of {num_experts}")
+                      f"{sizes[EXPERT_AXIS]} devices; use a divisor of {num_experts}")
   batch_axes = tuple(a for a in BATCH_AXES if a in sizes)
-  model_axis = "model" if sizes.get("model", 1) > 1 else None
+  hidden_axis = dict(LOGICAL_AXIS_RULES)["mlp"]
+  model_axis = hidden_axis if sizes.get(hidden_axis, 1) > 1 else None
   # Dropout masks differ per device along every axis the hidden units are
   # split over; 'model' only when it splits them (its outputs are summed).
   mask_axes = batch_axes + ((model_axis,) if model_axis else ())
-  return batch_axes, dispatch.ExpertShards("expert", sizes["expert"], model_axis, mask_axes)
+  return batch_axes, dispatch.ExpertShards(EXPERT_AXIS, sizes[EXPERT_AXIS], model_axis, mask_axes)
+
+
+def weight_specs(weights: dict, shards: dispatch.ExpertShards) -> dict:
+  """The shard_map in_specs of the expert weights: LOGICAL_AXIS_RULES' specs,
+  with the hidden axis left whole where it splits nothing."""
+  def spec(logical_axes):
+    axes = nn.logical_to_mesh_axes(logical_axes, LOGICAL_AXIS_RULES)
+    hidden = dict(LOGICAL_AXIS_RULES)["mlp"]
+    return P(*(None if a == hidden and shards.model_axis is None else a for a in axes))
+  return {name: spec(EXPERT_OUT_AXES if name == "wo" else EXPERT_IN_AXES) for name in weights}
 
 
 class Router(nn.Module):
@@ -106,27 +121,30 @@ class Experts(nn.Module):
     cfg = self.config
     e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
     init = kernel_init(cfg.init_scale, in_axis=-2, out_axis=-1, batch_axis=(0,))
-    self.wi = {name: param(self, name, init, (e, d, f), ("expert", "embed", "mlp"))
+    self.wi = {name: param(self, name, init, (e, d, f), EXPERT_IN_AXES)
                for name in ffn_input_names(cfg)}
-    self.wo = param(self, "wo", init, (e, f, d), ("expert", "mlp", "embed"))
+    self.wo = param(self, "wo", init, (e, f, d), EXPERT_OUT_AXES)
 
   def weights(self) -> dict:
     return {**self.wi, "wo": self.wo}
 
 
-def auto_dispatch(router_type: str, backend: str) -> str:
-  """The fastest path for a router on a backend (bench/run.py measures them;
-  docs/performance.md has the numbers). XLA:CPU runs `ragged_dot` as every
-  row times every expert, so there the dropless router, and the filled
-  slots of top-1 and top-2 ('compact'), take bucketed matmuls; GPU and TPU
-  have grouped GEMMs for `ragged_dot`."""
+def auto_dispatch(router_type: str, backend: str, experts_split: bool = False) -> str:
+  """The fastest kernel (a key of config.DISPATCHES) for a router on a
+  backend, with the experts split over devices or not (bench/run.py
+  measures them; docs/performance.md has the numbers). XLA:CPU runs
+  `ragged_dot` as every row times every expert, so there the dropless
+  router, and the filled slots of top-1 and top-2 ('compact', experts on
+  one device), take bucketed matmuls; GPU and TPU have grouped GEMMs for
+  `ragged_dot`."""
   if backend == "cpu":
-    return {"dropless": "bucketed", "expert_choice": "looped"}.get(router_type, "compact")
+    top_k = "looped" if experts_split else "compact"
+    return {"dropless": "bucketed", "expert_choice": "looped"}.get(router_type, top_k)
   return "ragged" if router_type == "dropless" else "gather"
 
 
 def _forward(x, valid, kernel, weights, jitter_key, dropout_key, *, spec: dispatch.LayerSpec,
-             path: str, jitter_noise: float, router_dtype: str, batch_axes, shards):
+             expert_kernel: str, jitter_noise: float, router_dtype: str, batch_axes, shards):
   """One device's groups through the layer: <dtype>[G, S, d] -> [G, S, d]."""
   if jitter_key is not None and shards is not None:  # fresh noise per batch shard
     for axis in batch_axes:
@@ -134,16 +152,16 @@ def _forward(x, valid, kernel, weights, jitter_key, dropout_key, *, spec: dispat
   logits = routing.router_logits(x, kernel, dtype=jnp.dtype(router_dtype),
                                  jitter_noise=jitter_noise, jitter_key=jitter_key)
   probs = jax.nn.softmax(logits, axis=-1)
-  if path == "reference":
+  if expert_kernel == "reference":
     y, stats = reference.switch_layer(x, valid, logits, weights, activation=spec.activation,
                                       router=spec.router, capacity=spec.capacity,
                                       batch_prioritized=spec.batch_prioritized)
-  elif path in dispatch.DROPLESS_KERNELS:
+  elif "dropless" in DISPATCHES[expert_kernel]:
     y, stats = dispatch.dropless_forward(x, valid, probs, weights, spec, dropout_key, shards,
-                                         kernel=path)
+                                         dispatch=expert_kernel)
   else:
     y, stats = dispatch.slot_forward(x, valid, probs, weights, spec, dropout_key, shards,
-                                     kernel=path)
+                                     dispatch=expert_kernel)
   stats = routing.with_z_loss(stats, logits, valid)
   if shards is not None:
     stats = stats.psum(batch_axes)
@@ -170,20 +188,16 @@ class SwitchLayer(nn.Module):
     self.router = Router(cfg.num_experts, cfg.d_model)
     self.experts = Experts(cfg)
 
-  @property
-  def dispatch(self) -> str:
+  def dispatch_kernel(self, shards: Optional[dispatch.ExpertShards] = None) -> str:
+    """The kernel (a key of config.DISPATCHES) this layer runs with the
+    experts laid out as `shards` says (None: one device): 'auto' resolved
+    for the backend, else `ModelConfig.dispatch` if it can run here; an
+    unsupported choice raises ConfigError rather than running another."""
     cfg = self.config
     if cfg.dispatch == "auto":
-      return auto_dispatch(self.router_type, jax.default_backend())
-    dropless_paths = tuple(dispatch.DROPLESS_KERNELS)
-    capacity_paths = tuple(dispatch.CAPACITY_KERNELS) + ("compact",)
-    if self.router_type == "dropless" and cfg.dispatch in capacity_paths:
-      raise ConfigError(f"the dropless router has no capacity buffers: use dispatch "
-                        f"{dropless_paths} (or 'reference'), or a capacity router with "
-                        f"{capacity_paths}")
-    if self.router_type != "dropless" and cfg.dispatch in dropless_paths:
-      raise ConfigError(f"dispatch {cfg.dispatch!r} is the dropless router's path; router "
-                        f"{self.router_type!r} uses {capacity_paths} (or 'reference')")
+      split = shards is not None and shards.num_expert_shards > 1
+      return auto_dispatch(self.router_type, jax.default_backend(), split)
+    dispatch.check_dispatch(cfg.dispatch, self.router_type, shards)
     return cfg.dispatch
 
   def capacity(self, tokens_per_group: int, deterministic: bool) -> int:
@@ -221,12 +235,10 @@ class SwitchLayer(nn.Module):
       valid = jnp.ones((batch, length), bool)
     batch_axes, shards = mesh_layout(cfg.num_experts)
     num_batch_shards = math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in batch_axes)
-    path = self.dispatch
-    if path == "reference" and shards is not None:
-      raise ConfigError("dispatch 'reference' runs on one device; use 'auto' on a mesh")
+    expert_kernel = self.dispatch_kernel(shards)
     uncapped = generating and self.router_type != "expert_choice"
-    if uncapped and path not in (*dispatch.DROPLESS_KERNELS, "reference"):
-      path = auto_dispatch("dropless", jax.default_backend())
+    if uncapped and "dropless" not in DISPATCHES[expert_kernel]:  # the dropless path (above)
+      expert_kernel = auto_dispatch("dropless", jax.default_backend())
     group_size = length if generating else (cfg.group_size or length)
     layout = group_layout(batch * length, group_size, num_batch_shards)
     xg, vg = to_groups(x, valid, layout, num_batch_shards)
@@ -239,20 +251,17 @@ class SwitchLayer(nn.Module):
     capacity = xg.shape[1] if uncapped else self.capacity(xg.shape[1], deterministic)
     spec = dispatch.LayerSpec(self.router_type, cfg.ffn_activation, capacity,
                               cfg.batch_prioritized_routing, cfg.expert_dropout)
-    forward = functools.partial(_forward, spec=spec, path=path, jitter_noise=cfg.jitter_noise,
-                                router_dtype=cfg.router_dtype, batch_axes=batch_axes,
-                                shards=shards)
+    forward = functools.partial(_forward, spec=spec, expert_kernel=expert_kernel,
+                                jitter_noise=cfg.jitter_noise, router_dtype=cfg.router_dtype,
+                                batch_axes=batch_axes, shards=shards)
     forward = functools.partial(forward, jitter_key=jitter_key, dropout_key=dropout_key)
     weights = self.experts.weights()
     if shards is None:
       y, stats = forward(xg, vg, self.router.kernel, weights)
     else:
       tokens_spec = P(batch_axes)
-      model = shards.model_axis
-      weight_specs = {name: P("expert", model, None) if name == "wo" else P("expert", None, model)
-                      for name in weights}
       y, stats = jax.shard_map(
-          forward, in_specs=(tokens_spec, tokens_spec, P(), weight_specs),
+          forward, in_specs=(tokens_spec, tokens_spec, P(), weight_specs(weights, shards)),
           out_specs=(tokens_spec, P()))(xg, vg, self.router.kernel, weights)
     for name, value in stats.metrics().items():
       self.sow(MOE_COLLECTION, name, value)

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from switch_jax.config import get_config
+from switch_jax.config import DISPATCHES, get_config
 from switch_jax.errors import ConfigError
 from switch_jax import partitioning
-from switch_jax.model.moe import dispatch
+from switch_jax.model.moe import cpu_kernels, dispatch, kernels
 from switch_jax.model.moe import switch_layer
 from switch_jax.model.moe.switch_layer import SwitchLayer, auto_dispatch
 
@@ -276,7 +276,7 @@ def test_expert_choice_eval_capacity_knob():
 
 def test_expert_dropout_uses_its_own_rate():
   hidden = jnp.ones((4, 256, 64))
-  out = dispatch._dropout(hidden, 0.4, jax.random.PRNGKey(1), None)
+  out = kernels.dropout(hidden, 0.4, jax.random.PRNGKey(1), None)
   np.testing.assert_allclose(float(jnp.mean(out == 0)), 0.4, atol=0.02)
   np.testing.assert_allclose(float(jnp.max(out)), 1 / 0.6, rtol=1e-5)
   cfg = _config("top1", dropout_rate=0.1, expert_dropout_rate=0.4)
@@ -341,17 +341,41 @@ def test_auto_dispatch_is_the_fastest_path_per_backend():
   assert [auto_dispatch(r, "cpu") for r in ("top1", "top2", "expert_choice", "dropless")] == [
       "compact", "compact", "looped", "bucketed"]
   assert auto_dispatch("dropless", "gpu") == auto_dispatch("dropless", "tpu") == "ragged"
-  assert SwitchLayer(_config("dropless"), "dropless").dispatch == "bucketed"  # tests run on CPU
+  assert auto_dispatch("top1", "cpu", experts_split=True) == "looped"  # 'compact' cannot
+  on_cpu = SwitchLayer(_config("dropless"), "dropless").dispatch_kernel()  # tests run on CPU
+  assert on_cpu == "bucketed"
   with pytest.raises(ConfigError, match="dropless router's path"):
-    _ = SwitchLayer(_config("top1", dispatch="ragged"), "top1").dispatch
+    _ = SwitchLayer(_config("top1", dispatch="ragged"), "top1").dispatch_kernel()
+
+
+def test_every_kernel_name_is_in_one_registry():
+  assert set(dispatch.EXPERT_KERNELS) == set(DISPATCHES) - {"auto", "reference"}
+  for router in ("top1", "top2", "expert_choice", "dropless"):
+    for backend in ("cpu", "gpu", "tpu"):
+      for split in (False, True):
+        assert router in DISPATCHES[auto_dispatch(router, backend, split)]
+
+
+def test_unsupported_kernels_are_refused_not_swapped():
+  # 'compact' packs slots of experts on one device, and each slot once.
+  with pytest.raises(ConfigError, match="router 'expert_choice' uses one of"):
+    SwitchLayer(_config("expert_choice", dispatch="compact"), "expert_choice").dispatch_kernel()
+  split = kernels.ExpertShards("expert", 8, None, ("expert",))
+  with pytest.raises(ConfigError, match="splits the experts over 8 devices; use 'auto'"):
+    SwitchLayer(_config("top1", dispatch="compact"), "top1").dispatch_kernel(split)
+  one_shard = kernels.ExpertShards("expert", 1, None, ("data",))
+  assert SwitchLayer(_config("top1", dispatch="compact"), "top1").dispatch_kernel(
+      one_shard) == "compact"
+  with pytest.raises(ConfigError, match="runs on one device"):
+    SwitchLayer(_config("top1", dispatch="reference"), "top1").dispatch_kernel(one_shard)
 
 
 def test_bucket_sizes():
-  sizes = dispatch.bucket_sizes(4096, 8)
+  sizes = cpu_kernels.bucket_sizes(4096, 8)
   assert sizes[-1] == 4096 and all(s % 8 == 0 for s in sizes) and len(sizes) <= 24
   near_mean = [s for s in sizes if 384 <= s <= 768]
   assert near_mean == list(range(384, 769, 32))  # 1/16 of the 512-row mean
-  assert dispatch.bucket_sizes(32, 4) == (8, 16, 32)
+  assert cpu_kernels.bucket_sizes(32, 4) == (8, 16, 32)
 
 
 @pytest.mark.parametrize("activation", ["relu", "geglu"])
@@ -366,7 +390,7 @@ def test_bucketed_kernel_equals_ragged_dot_on_skewed_loads(activation):
   weights = {name: jax.random.normal(k, (experts, D, f)) / 4 for name, k in zip(names, keys)}
   weights["wo"] = jax.random.normal(keys[3], (experts, f, D)) / 4
   x = jax.random.normal(jax.random.PRNGKey(4), (num_rows, D))
-  spec = dispatch.LayerSpec("dropless", activation, 0, dropout_rate=0.3)
+  spec = kernels.LayerSpec("dropless", activation, 0, dropout_rate=0.3)
 
   def run(kernel, w, x):
     y = kernel(x, sizes, w, spec, jax.random.PRNGKey(5), None)
@@ -374,7 +398,7 @@ def test_bucketed_kernel_equals_ragged_dot_on_skewed_loads(activation):
 
   results = [jax.jit(jax.value_and_grad(functools.partial(run, kernel), argnums=(0, 1),
                                         has_aux=True))(weights, x)
-             for kernel in (dispatch.experts_bucketed, dispatch.experts_ragged)]
+             for kernel in (cpu_kernels.experts_bucketed, kernels.experts_ragged)]
   (_, y_bucketed), grads_bucketed = results[0]
   (_, y_ragged), grads_ragged = results[1]
   np.testing.assert_allclose(y_bucketed, y_ragged, atol=1e-5, rtol=1e-5)

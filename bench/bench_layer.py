@@ -16,29 +16,29 @@ import jax
 import jax.numpy as jnp
 
 import bench_timer
-from switch_jax.model.moe import dispatch
+from switch_jax.model.moe import kernels
 from switch_jax.model.moe import routing
 from switch_jax.config import get_config
 from switch_jax.model.moe.switch_layer import SwitchLayer, group_layout
 
 D_MODEL, D_FF, SEQUENCE = 512, 2048, 512
 GROUP_SIZE = 8192  # ModelConfig's default: 4096 tokens are one group, 16384 two
-# (router, dispatch) pairs: every router on its CPU default ('compact' for
+# (router, kernel) pairs: every router on its CPU default ('compact' for
 # top-1 and top-2, 'looped' for expert choice, 'bucketed' for dropless),
 # top-1 also on 'looped' and 'gather' (the GPU/TPU default), and dropless
 # on 'ragged' (the GPU/TPU default).
-PATHS = [("top1", "compact"), ("top1", "looped"), ("top1", "gather"), ("top2", "compact"),
+KERNELS = [("top1", "compact"), ("top1", "looped"), ("top1", "gather"), ("top2", "compact"),
          ("expert_choice", "looped"), ("dropless", "bucketed"), ("dropless", "ragged")]
 
 
-def layer_config(num_experts: int, router: str, path: str, capacity_factor: float,
+def layer_config(num_experts: int, router: str, kernel: str, capacity_factor: float,
                  dtype: str):
-  """The ModelConfig of one case and the path SwitchLayer resolves it to."""
+  """The ModelConfig of one case and the kernel SwitchLayer resolves it to."""
   base = dict(d_model=D_MODEL, d_ff=D_FF, num_experts=num_experts, ffn_activation="relu",
               train_capacity_factor=capacity_factor, router=router, decoder_router="top1",
               dtype=dtype, group_size=GROUP_SIZE)
-  config = get_config("tiny_switch", dispatch=path, **base)
-  resolved = SwitchLayer(config, router).dispatch
+  config = get_config("tiny_switch", dispatch=kernel, **base)
+  resolved = SwitchLayer(config, router).dispatch_kernel()
   return config, resolved
 
 
@@ -93,7 +93,7 @@ def experts_only_step(num_experts: int, tokens: int, dtype: str):
   params = (jax.random.normal(keys[0], (num_experts, D_MODEL, D_FF)) * D_MODEL ** -0.5,
             jax.random.normal(keys[1], (num_experts, D_FF, D_MODEL)) * D_FF ** -0.5)
   x = jax.random.normal(keys[2], (num_experts, rows, D_MODEL), jnp.dtype(dtype))
-  matmul = dispatch._batched_matmul  # the `gather` path's, pylint: disable=protected-access
+  matmul = kernels.batched_matmul  # the `gather` kernel's
 
   def loss(p, x):
     return output_loss(matmul(jax.nn.relu(matmul(x, p[0])), p[1]))
@@ -104,7 +104,7 @@ def experts_only_step(num_experts: int, tokens: int, dtype: str):
 @dataclasses.dataclass
 class Case:
   router: str
-  path: str
+  kernel: str  # a ModelConfig.dispatch value
   num_experts: int
   tokens: int
   capacity_factor: Optional[float]  # None: dropless
@@ -113,7 +113,7 @@ class Case:
   @property
   def name(self) -> str:
     cf = "-" if self.capacity_factor is None else f"{self.capacity_factor:g}"
-    return f"{self.router}/{self.path} E={self.num_experts} T={self.tokens} cf={cf} {self.dtype}"
+    return f"{self.router}/{self.kernel} E={self.num_experts} T={self.tokens} cf={cf} {self.dtype}"
 
 
 def expert_weight_bytes(num_experts: int) -> int:
@@ -126,10 +126,10 @@ def run_case(case: Case, dense: bench_timer.Compiled, rounds: int, budget_s: flo
   groups, group_tokens = group_layout(case.tokens, GROUP_SIZE)
   capacity = None
   if case.router == "experts_only":
-    resolved = case.path
+    resolved = case.kernel
     fn, args = experts_only_step(case.num_experts, case.tokens, case.dtype)
   else:
-    config, resolved = layer_config(case.num_experts, case.router, case.path,
+    config, resolved = layer_config(case.num_experts, case.router, case.kernel,
                                     case.capacity_factor or 1.0, case.dtype)
     fn, args = switch_step(config, case.router, case.tokens)
   if case.capacity_factor is not None:
@@ -154,13 +154,13 @@ def run_case(case: Case, dense: bench_timer.Compiled, rounds: int, budget_s: flo
       dense_weight_bytes=3 * expert_weight_bytes(1))
 
 
-def memory_scaling(experts: list[int], token_counts: list[int], paths) -> list[dict]:
+def memory_scaling(experts: list[int], token_counts: list[int], kernels) -> list[dict]:
   """Compiled memory of the layer's fwd+bwd (nothing runs)."""
   rows = []
   for tokens in token_counts:
     for num_experts in experts:
-      for router, path in paths:
-        config, resolved = layer_config(num_experts, router, path, 1.0, "float32")
+      for router, kernel in kernels:
+        config, resolved = layer_config(num_experts, router, kernel, 1.0, "float32")
         fn, args = switch_step(config, router, tokens, abstract=True)
         stats = jax.jit(fn).lower(*args).compile().memory_analysis()
         rows.append(dict(router=router, path=resolved, num_experts=num_experts, tokens=tokens,

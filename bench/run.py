@@ -5,7 +5,7 @@
 Every figure is a ratio or a rate measured in this run (see bench_timer.py
 for how cases are timed on a shared machine). Sections: the matmul peak;
 the Switch layer vs the FLOP-matched dense MLP for every router and
-dispatch path; Hugging Face's PyTorch layer at the same shapes; whole
+expert kernel; Hugging Face's PyTorch layer at the same shapes; whole
 train steps and their model-FLOPs utilization; compiled memory as experts
 and tokens grow; compile times. docs/performance.md explains the method
 and records the numbers.
@@ -41,14 +41,14 @@ def plan(quick: bool) -> dict:
   if quick:
     return dict(rounds=3, budget_s=20.0, experts=[8, 32], tokens=[4096], dtypes=["float32"],
                 factors=[1.0, 1.25], top2_factors=[2.0, 2.5],
-                paths=[("top1", "compact"), ("top1", "looped"), ("dropless", "bucketed")],
+                kernels=[("top1", "compact"), ("top1", "looped"), ("dropless", "bucketed")],
                 realistic=[], max_ragged_experts=8, hf_experts=[8],
                 memory_experts=[8, 128], memory_tokens=[4096, 16384], model_dtypes=["float32"],
                 model_batch=2, compile_models=["tiny_switch"])
   return dict(rounds=5, budget_s=60.0, experts=[8, 32, 128, 512], tokens=[4096],
               dtypes=["float32", "bfloat16"], factors=[1.0, 1.25],
               # Top-2 at the paper's cf 2.0 (2.5: top-1's 1.25 slack per choice).
-              top2_factors=[2.0, 2.5], paths=bench_layer.PATHS,
+              top2_factors=[2.0, 2.5], kernels=bench_layer.KERNELS,
               realistic=[(32, 16384), (128, 16384)], max_ragged_experts=32,
               hf_experts=[8, 32, 128, 512], memory_experts=[8, 32, 128, 512],
               memory_tokens=[4096, 16384, 65536], model_dtypes=["float32", "bfloat16"],
@@ -61,16 +61,16 @@ def layer_cases(p: dict) -> list[bench_layer.Case]:
     for tokens in p["tokens"]:
       for num_experts in p["experts"]:
         cases.append(bench_layer.Case("experts_only", "batched", num_experts, tokens, None, dtype))
-        for router, path in p["paths"]:
-          if path == "ragged" and num_experts > p["max_ragged_experts"]:
+        for router, kernel in p["kernels"]:
+          if kernel == "ragged" and num_experts > p["max_ragged_experts"]:
             continue  # XLA:CPU's ragged_dot does E dense matmuls: minutes a step
           factors = {"dropless": [None], "top2": p["top2_factors"]}.get(router, p["factors"])
-          cases += [bench_layer.Case(router, path, num_experts, tokens, cf, dtype)
+          cases += [bench_layer.Case(router, kernel, num_experts, tokens, cf, dtype)
                     for cf in factors]
   for num_experts, tokens in p["realistic"]:  # thousands of tokens per expert per step
     for cf in p["factors"]:
-      cases += [bench_layer.Case("top1", path, num_experts, tokens, cf, "float32")
-                for path in ("compact", "looped")]
+      cases += [bench_layer.Case("top1", kernel, num_experts, tokens, cf, "float32")
+                for kernel in ("compact", "looped")]
     cases.append(bench_layer.Case("dropless", "bucketed", num_experts, tokens, None, "float32"))
     cases.append(bench_layer.Case("experts_only", "batched", num_experts, tokens, None, "float32"))
   return cases
@@ -162,9 +162,9 @@ def main(argv=None) -> int:
   save(results, args.out)
   if "memory" in sections:
     log("compiled memory")
-    paths = [("top1", "compact"), ("top1", "looped"), ("dropless", "bucketed")]
+    kernels = [("top1", "compact"), ("top1", "looped"), ("dropless", "bucketed")]
     results["memory"] = bench_layer.memory_scaling(p["memory_experts"], p["memory_tokens"],
-                                                   paths if not args.quick else paths[:1])
+                                                   kernels if not args.quick else kernels[:1])
   save(results, args.out)
   if "compile" in sections:
     results["compile"] = []

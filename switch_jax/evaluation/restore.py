@@ -16,12 +16,12 @@ from switch_jax.model.encoder_decoder import EncoderDecoder
 from switch_jax.model.param_count import abstract_params
 
 
-def restore_params(checkpoint_path, model: EncoderDecoder, mesh: Mesh):
-  """The checkpoint's parameters, each written straight onto its shards."""
+def restore_params(source: model_format.ModelSource, model: EncoderDecoder, mesh: Mesh):
+  """The parameters `source` holds, each written straight onto its shards."""
   boxed = abstract_params(model.config)
   target = train_state.abstract_like(nn.unbox(boxed),
                                      partitioning.logical_to_sharding(boxed, mesh))
-  return model_format.load_params(checkpoint_path, target)
+  return source.restore(target)
 
 
 def check_checkpoint(checkpoint_path) -> None:
@@ -34,9 +34,11 @@ def restore_for_eval(checkpoint_path, model_config: Optional[ModelConfig] = None
                      model_overrides: Optional[Mapping[str, Any]] = None):
   """(model, params on the mesh, mesh) of a model checkpoint or training run;
   `model_config` None reads the checkpoint's, with the fields in
-  `model_overrides` replaced (e.g. {"eval_capacity_factor": 4.0})."""
-  check_checkpoint(checkpoint_path)
-  config = model_config or model_format.load_config(checkpoint_path)
+  `model_overrides` replaced (e.g. {"eval_capacity_factor": 4.0}). A run
+  directory is resolved once, so config and parameters are of one step even
+  if the run saves a newer one meanwhile."""
+  source = model_format.resolve(checkpoint_path)
+  config = model_config or source.config()
   if model_overrides:
     try:
       config = config.replace(**model_overrides)
@@ -45,4 +47,4 @@ def restore_for_eval(checkpoint_path, model_config: Optional[ModelConfig] = None
   mesh = partitioning.make_mesh(mesh_shape)
   partitioning.check_fits(config, partitioning.mesh_shape(mesh), batch_size)
   model = EncoderDecoder(config)
-  return model, restore_params(checkpoint_path, model, mesh), mesh
+  return model, restore_params(source, model, mesh), mesh

@@ -19,7 +19,17 @@ setup(
     # An SPDX expression: setuptools >= 77 deprecates the "License ::" classifier.
     license="Apache-2.0",
     license_files=["LICENSE"],
-    python_requires=">=3.11",
+    # jax 0.11 dropped Python 3.11 (0.10.2 is the newest jax there); 3.14 has
+    # no tensorflow-text wheels, which seqio needs: uv's resolver says "all
+    # versions of tensorflow-text have no wheels with a matching Python ABI
+    # tag (e.g., `cp314`)".
+    python_requires=">=3.11,<3.14",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+    ],
     packages=find_packages(include=["switch_jax", "switch_jax.*"])
     + ["switch_jax.tasks", "switch_jax.gin_files"],
     package_dir={
@@ -49,9 +59,20 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        # torch 2.13.0's CPU build lies on the CI machines' disk; elsewhere add
+        # The Hugging Face parity tests (tests/checkpoints/test_hf.py) need
+        # torch and transformers, and skip without them. torch 2.13.0's CPU
+        # build for Python 3.11 lies on the CI machines' disk; on 3.12 and
+        # 3.13 PyPI has only the CUDA build (5.8 GB with its NVIDIA
+        # libraries), so there they are left out. Elsewhere add
         # --extra-index-url https://download.pytorch.org/whl/cpu to avoid CUDA.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0"],
+        # uv: the TPU worker set-up's tool (tests/cli/test_worker_setup.py).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "uv>=0.5",
+                 'torch==2.13.0; python_version == "3.11"',
+                 'transformers>=5.0; python_version == "3.11"'],
+        # JAX for TPUs: libtpu (0.0.42.1), which also compiles for a TPU
+        # topology on a machine without one (switch-jax plan --topology).
+        # The TPU worker set-up installs the package with this extra.
+        "tpu": ["jax[tpu]==0.10.2"],
     },
     entry_points={"console_scripts": ["switch-jax=switch_jax.cli.main:main"]},
 )

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU slice: create it (or reuse a READY one), install the
-# package on every worker, and run the same `switch-jax train --distributed`
-# on all workers. See docs/pod.md.
+# Train on a Cloud TPU slice: create it (or reuse a READY one), set up every
+# worker (uv, a virtualenv ~/switch-jax-venv with a Python >= 3.11, the
+# package and jax[tpu] in it), and run the same `switch-jax train
+# --distributed` on all workers with the venv's Python. See docs/pod.md.
 #
 # Set these variables (in the environment or on the command line):
 #   TPU_NAME          the slice's name, e.g. switch-base-8
@@ -16,7 +17,9 @@
 #                     "models/switch_base_8.gin runs/pretrain.gin mesh/expert_parallel.gin"
 #   GIN_BINDINGS      optional, one NAME=VALUE gin binding per line
 #   PACKAGE           a wheel or sdist path, a git+https:// URL or a requirement
-#   REMOTE_PYTHON     the workers' Python >= 3.11 (default python3)
+#   REMOTE_PYTHON     the Python the workers' venv is made with, as uv's --python
+#                     takes it: 3.12, a range, or an interpreter (default >=3.11,<3.14;
+#                     uv uses one the worker has, else installs one)
 #   SPOT=1 | PREEMPTIBLE=1   create a spot (or preemptible) slice
 #   SKIP_INSTALL=1    the workers already have the package
 #   DELETE=1          delete the slice after training
@@ -48,8 +51,10 @@ args=(tpu
   --accelerator_type "${ACCELERATOR_TYPE}"
   --runtime_version "${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
   --model_dir "${MODEL_DIR:-gs://${bucket}/runs/${TPU_NAME}}"
-  --tfds_data_dir "${TFDS_DATA_DIR:-gs://${bucket}/tfds}"
-  --python "${REMOTE_PYTHON:-python3}")
+  --tfds_data_dir "${TFDS_DATA_DIR:-gs://${bucket}/tfds}")
+if [[ -n "${REMOTE_PYTHON:-}" ]]; then
+  args+=(--python "${REMOTE_PYTHON}")
+fi
 read -r -a gin_files <<< "${GIN_FILES}"
 for gin_file in "${gin_files[@]}"; do
   args+=(--gin_file "${gin_file}")

@@ -19,6 +19,13 @@ Gin string values (MODEL_DIR) become double-quoted gin literals built by
 json.dumps, so a quote in a path cannot end the gin string either. The other
 `--gin NAME=VALUE` bindings are gin text, passed as typed, like the trainer's
 own `--gin.NAME=VALUE` flags: gin is code, so they must come from the user.
+
+A TPU VM's own `python3` is too old for the package (3.10 on
+tpu-ubuntu2204-base), so each worker gets a virtualenv, WORKER_VENV in its
+home folder, made by uv (installed with the system pip): uv uses a Python
+>= 3.11 that the worker has, else installs one. The package goes in with
+its `tpu` extra (the jax[tpu] version it pins), and training runs with the
+venv's Python.
 """
 
 from __future__ import annotations
@@ -36,7 +43,13 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 from switch_jax.errors import UserError
 
 TPU_VM = ("gcloud", "compute", "tpus", "tpu-vm")
-DEFAULT_PYTHON = "python3"  # on the TPU workers
+# The workers' Python, as uv's --python takes it: a version range, a version
+# (3.12) or an interpreter. The range is the package's python_requires.
+DEFAULT_PYTHON = ">=3.11,<3.14"
+SYSTEM_PYTHON = "python3"  # on the workers, where it only installs uv
+# Relative to the home folder, where `gcloud ... ssh --command` starts.
+WORKER_VENV = "switch-jax-venv"
+DISTRIBUTION = "switch-jax"
 DEFAULT_RUNTIME_VERSION = "tpu-ubuntu2204-base"
 DEFAULT_NUM_DEVICES = 8
 LOCAL_PROGRAM = ("switch-jax",)
@@ -58,7 +71,7 @@ _ACCELERATOR_RE = re.compile(r"v[0-9]+[a-z]*-[0-9]+")
 _RUNTIME_RE = re.compile(r"[a-z0-9][-a-z0-9._]*")
 _BUCKET_RE = re.compile(r"[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]")
 _GIN_NAME_RE = re.compile(r"[A-Za-z_][\w.]*(/[A-Za-z_][\w.]*)*")
-_PYTHON_RE = re.compile(r"[\w./+-]+")
+_PYTHON_RE = re.compile(r"[\w./+<>=!~][\w./+<>=!~*,-]*")
 _DIST_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\.(whl|tar\.gz|zip)")
 _VERSION_CLAUSE = r"(~=|==|!=|<=|>=|<|>|===)[A-Za-z0-9.*+!_-]+"
 _REQUIREMENT_RE = re.compile(
@@ -282,43 +295,74 @@ def package_kind(source: str) -> str:
   return "pypi"
 
 
+def with_tpu_extra(source: str) -> str:
+  """The requirement that installs `source` with its `tpu` extra: a local
+  file as ./NAME[tpu], a git URL as switch-jax[tpu] @ URL, and a requirement
+  with `tpu` added to its extras."""
+  kind = package_kind(source)
+  if kind == "file":
+    return f"./{os.path.basename(source)}[tpu]"
+  if kind == "git":
+    return f"{DISTRIBUTION}[tpu] @ {source}"
+  name, extras, specifiers = re.fullmatch(
+      r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[([A-Za-z0-9._,-]*)\])?(.*)", source).groups()
+  extras = [e for e in (extras or "").split(",") if e]
+  return f"{name}[{','.join(extras + ['tpu'] * ('tpu' not in extras))}]{specifiers}"
+
+
+def worker_python(venv: str = WORKER_VENV) -> str:
+  """The interpreter of the workers' virtualenv, which runs training."""
+  return f"{venv}/bin/python"
+
+
 def tpu_install_commands(name: str, zone: str, project: str, source: str, *,
                          python: str = DEFAULT_PYTHON) -> list[list[str]]:
-  """Installs the package and JAX for TPUs on every worker.
+  """Sets up every worker from nothing: uv, a virtualenv with a Python that
+  the package supports, and the package with JAX for TPUs in it.
 
   `source` is a pip requirement, a git+https:// URL, or a local wheel or
-  sdist, which is first copied to every worker (so two commands). The old
-  install is removed first: pip skips a wheel whose version is installed.
+  sdist, which is first copied to every worker (so two commands). On the
+  worker, in its home folder:
+
+  1. the system Python's pip installs uv for the user (~/.local), unless it
+     is there; tpu-ubuntu2204-base's python3 (3.10) does that well enough;
+  2. `uv venv --allow-existing` makes WORKER_VENV, or keeps it on a re-run,
+     with a Python matching `python`: one the worker has (python3.11 ...
+     python3.13 on PATH, or one uv installed before), else a build that uv
+     downloads and installs;
+  3. `uv pip install` puts the package in with its `tpu` extra, so jax[tpu]
+     is the version the package pins; --reinstall-package replaces an
+     installed copy of the same version (a rebuilt wheel).
   """
-  _check(_PYTHON_RE, python, "remote python", "expected an interpreter name or path")
+  _check(_PYTHON_RE, python, "remote python",
+         "expected a version (3.12), a range (>=3.11,<3.14) or an interpreter name or path")
   commands = []
-  requirement = source
   if package_kind(source) == "file":
     commands.append(tpu_upload_command(name, zone, project, source))
-    requirement = "./" + os.path.basename(source)
-  pip = [python, "-m", "pip"]
+  uv = [SYSTEM_PYTHON, "-m", "uv"]
   commands.append(tpu_ssh_command(name, zone, project, [
-      [*pip, "uninstall", "--yes", "switch-jax"],
-      [*pip, "install", "--upgrade", "jax[tpu]", requirement]]))
+      [SYSTEM_PYTHON, "-m", "pip", "install", "--user", "uv"],
+      [*uv, "venv", "--allow-existing", f"--python={python}", WORKER_VENV],
+      [*uv, "pip", "install", f"--python={worker_python()}", "--reinstall-package",
+       DISTRIBUTION, with_tpu_extra(source)]]))
   return commands
 
 
 def tpu_train_command(name: str, zone: str, project: str, gin_files: Sequence[str],
                       gin_bindings: Mapping[str, GinValue], model_dir: str,
-                      tfds_data_dir: Optional[str] = None, extra_flags: Sequence[str] = (), *,
-                      python: str = DEFAULT_PYTHON) -> list[str]:
+                      tfds_data_dir: Optional[str] = None,
+                      extra_flags: Sequence[str] = ()) -> list[str]:
   """`switch-jax train --distributed` on every worker: the same command on
   each host, where jax.distributed.initialize() finds the others itself.
+  It runs with the Python of the virtualenv that tpu_install_commands made.
 
-  `python -m switch_jax.cli.main` rather than the `switch-jax` script: pip puts
-  scripts in ~/.local/bin, which a non-interactive ssh command may not have
-  on its PATH.
+  `python -m switch_jax.cli.main` rather than the `switch-jax` script: it
+  names the interpreter, so nothing depends on the ssh session's PATH.
   """
-  _check(_PYTHON_RE, python, "remote python", "expected an interpreter name or path")
   check_gcs_path(model_dir, "model dir")
   if tfds_data_dir is not None:
     check_gcs_path(tfds_data_dir, "TFDS data dir")
-  train = [python, "-m", "switch_jax.cli.main", "train", "--distributed",
+  train = [worker_python(), "-m", "switch_jax.cli.main", "train", "--distributed",
            *trainer_args(gin_files, gin_bindings, model_dir=model_dir,
                          tfds_data_dir=tfds_data_dir, extra_flags=extra_flags)]
   return tpu_ssh_command(name, zone, project, [train])
@@ -360,11 +404,13 @@ def tpu_plan(*, name: str, zone: str, project: str, accelerator_type: str,
       raise UserError("no package to install: pass a wheel, an sdist, a git+https:// URL or "
                       "a requirement (or skip the install when the workers have it)")
     install_commands = tpu_install_commands(name, zone, project, package, python=python)
-    steps += [Step("install", argv, "Install the package on every worker:" if i == 0 else None)
+    comment = (f"Set up every worker: uv, a virtualenv ~/{WORKER_VENV} with Python {python}, "
+               "the package and jax[tpu] in it:")
+    steps += [Step("install", argv, comment if i == 0 else None)
               for i, argv in enumerate(install_commands)]
   steps.append(Step("train", tpu_train_command(
       name, zone, project, gin_files, gin_bindings or {}, model_dir, tfds_data_dir,
-      extra_flags, python=python),
+      extra_flags),
       "Train on every worker (re-running resumes from the newest checkpoint in the model dir):"))
   if delete:
     steps.append(Step("delete", tpu_delete_command(name, zone, project),

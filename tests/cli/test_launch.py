@@ -2,7 +2,9 @@
 inert on the remote shell, the scripts' dry runs, and input checks.
 
 Nothing here needs gcloud: a stub `gcloud` logs its argv and runs the ssh
-`--command` with bash, and a stub `python3` logs what the workers would run.
+`--command` with bash, and stubs of the workers' `python3` and of their
+virtualenv's Python log what the workers would run. The worker set-up itself
+runs for real in tests/cli/test_worker_setup.py.
 """
 
 import ast
@@ -36,6 +38,15 @@ TRAINER_FLAGS = [
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 512, 'targets': 114}", "--gin.TRAIN_STEPS=100000",
     "--tfds_data_dir=gs://my-bucket/tfds"]
 WHEEL = "dist/switch_jax-0.1.0-py3-none-any.whl"
+VENV_PYTHON = "switch-jax-venv/bin/python"  # relative to a worker's home
+
+
+def _setup_commands(requirement, python=">=3.11,<3.14"):
+  """What every worker runs to set itself up, quoted once."""
+  return (f"python3 -m pip install --user uv && python3 -m uv venv --allow-existing "
+          f"{shlex.quote('--python=' + python)} switch-jax-venv && python3 -m uv pip install "
+          f"--python=switch-jax-venv/bin/python --reinstall-package switch-jax "
+          f"{shlex.quote(requirement)}")
 
 STUB_GCLOUD = r"""#!/bin/bash
 set -euo pipefail
@@ -54,10 +65,10 @@ case "$4" in
     PATH="$REMOTE_BIN:$PATH" bash -c "$cmd";;
 esac
 """
-STUB_PYTHON3 = r"""#!/bin/bash
+STUB_PYTHON = r"""#!/bin/bash
 n=$(( $(cat "$LOG_DIR/count" 2>/dev/null || echo 0) + 1 ))
 echo "$n" > "$LOG_DIR/count"
-printf '%s\0' python3 "$@" > "$LOG_DIR/$(printf %04d "$n")"
+printf '%s\0' NAME "$@" > "$LOG_DIR/$(printf %04d "$n")"
 if [[ "$*" == *switch_jax.cli.main* ]]; then exit "${TRAIN_RC:-0}"; fi
 """
 
@@ -73,11 +84,14 @@ def _sample_plan(**overrides):
 
 @pytest.fixture
 def sandbox(tmp_path):
-  """Stub gcloud (on PATH) and a stub python3 that only the 'workers' see."""
+  """Stub gcloud (on PATH), and stubs of python3 and of the venv's Python
+  that only the 'workers' see."""
   bin_dir, remote_bin, log_dir, home = (tmp_path / d for d in ("bin", "rbin", "log", "home"))
-  for folder in (bin_dir, remote_bin, log_dir, home):
-    folder.mkdir()
-  for path, text in ((bin_dir / "gcloud", STUB_GCLOUD), (remote_bin / "python3", STUB_PYTHON3)):
+  for folder in (bin_dir, remote_bin, log_dir, home / "switch-jax-venv" / "bin"):
+    folder.mkdir(parents=True)
+  for path, text in ((bin_dir / "gcloud", STUB_GCLOUD),
+                     (remote_bin / "python3", STUB_PYTHON.replace("NAME", "python3")),
+                     (home / VENV_PYTHON, STUB_PYTHON.replace("NAME", VENV_PYTHON))):
     path.write_text(text)
     path.chmod(0o755)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG_DIR=str(log_dir),
@@ -110,19 +124,20 @@ def test_tpu_commands_for_the_sample_config_are_exact():
   assert launch.tpu_install_commands("my-tpu", "us-central2-b", "my-project",
                                      "switch-jax==0.1.0") == [[
       *TPU, "ssh", *SLICE, "--worker=all",
-      "--command=python3 -m pip uninstall --yes switch-jax && "
-      "python3 -m pip install --upgrade 'jax[tpu]' switch-jax==0.1.0"]]
+      "--command=python3 -m pip install --user uv && "
+      "python3 -m uv venv --allow-existing '--python=>=3.11,<3.14' switch-jax-venv && "
+      "python3 -m uv pip install --python=switch-jax-venv/bin/python "
+      "--reinstall-package switch-jax 'switch-jax[tpu]==0.1.0'"]]
   assert launch.tpu_install_commands("my-tpu", "us-central2-b", "my-project",
                                      "git+https://github.com/o/switch-jax@v0.1",
-                                     python="python3.11")[0][-1] == (
-      "--command=python3.11 -m pip uninstall --yes switch-jax && python3.11 -m pip install "
-      "--upgrade 'jax[tpu]' git+https://github.com/o/switch-jax@v0.1")
+                                     python="3.12")[0][-1] == "--command=" + _setup_commands(
+      "switch-jax[tpu] @ git+https://github.com/o/switch-jax@v0.1", python="3.12")
   train = launch.tpu_train_command("my-tpu", "us-central2-b", "my-project", GIN_FILES, BINDINGS,
                                    "gs://my-bucket/runs/switch_base_8", "gs://my-bucket/tfds")
   assert train[:-1] == [*TPU, "ssh", *SLICE, "--worker=all"]
   assert train[-1].startswith("--command=")
   assert shlex.split(train[-1][len("--command="):]) == [
-      "python3", "-m", "switch_jax.cli.main", "train", "--distributed", *TRAINER_FLAGS]
+      VENV_PYTHON, "-m", "switch_jax.cli.main", "train", "--distributed", *TRAINER_FLAGS]
   assert launch.tpu_delete_command("my-tpu", "us-central2-b", "my-project") == [
       *TPU, "delete", *SLICE, "--quiet"]
   assert [s.role for s in _sample_plan(delete=True)] == [
@@ -137,8 +152,18 @@ def test_a_local_wheel_is_copied_to_every_worker_then_installed(tmp_path, monkey
       [*TPU, "scp", WHEEL, "my-tpu:", "--worker=all", "--zone=us-central2-b",
        "--project=my-project"],
       [*TPU, "ssh", *SLICE, "--worker=all",
-       "--command=python3 -m pip uninstall --yes switch-jax && python3 -m pip install "
-       "--upgrade 'jax[tpu]' ./switch_jax-0.1.0-py3-none-any.whl"]]
+       "--command=" + _setup_commands("./switch_jax-0.1.0-py3-none-any.whl[tpu]")]]
+
+
+@pytest.mark.parametrize("source, requirement", [
+    ("switch-jax", "switch-jax[tpu]"),
+    ("switch-jax==0.1.0", "switch-jax[tpu]==0.1.0"),
+    ("switch-jax[hf]>=0.1,<0.2", "switch-jax[hf,tpu]>=0.1,<0.2"),
+    ("switch_jax[tpu]", "switch_jax[tpu]"),
+    ("git+https://github.com/o/switch-jax@v0.1", "switch-jax[tpu] @ git+https://github.com/o/switch-jax@v0.1"),
+])
+def test_the_package_is_installed_with_its_tpu_extra(source, requirement):
+  assert launch.with_tpu_extra(source) == requirement
 
 
 def test_local_commands_are_exact():
@@ -193,7 +218,7 @@ def test_hostile_values_reach_the_trainer_as_inert_data(sandbox, shell):
   env["PATH"] = f"{tmp_path / 'rbin'}:{env['PATH']}"
   subprocess.run([shell, "-c", remote], env=env, cwd=tmp_path / "home", check=True)
   (call,) = _calls(tmp_path)
-  assert call == ["python3", *_intended_trainer_argv(values)]
+  assert call == [VENV_PYTHON, *_intended_trainer_argv(values)]
   assert list((tmp_path / "pwned").iterdir()) == []
   # The gin literal decodes back to the exact model dir (gin parses Python literals).
   model_dir_flag = call[7]
@@ -269,9 +294,12 @@ def test_tpu_pod_executes_the_plan_with_argv_lists(sandbox):
   calls = _calls(tmp_path)
   assert [c[:5] for c in calls if c[0] == "gcloud"] == [
       [*TPU, verb] for verb in ("describe", "create", "scp", "ssh", "ssh")]
-  assert calls[4][:4] == ["python3", "-m", "pip", "uninstall"]
-  assert calls[5][-1] == "./switch_jax-0.1.0-py3-none-any.whl"
-  assert calls[-1][:6] == ["python3", "-m", "switch_jax.cli.main", "train", "--distributed",
+  assert calls[4] == ["python3", "-m", "pip", "install", "--user", "uv"]
+  assert calls[5] == ["python3", "-m", "uv", "venv", "--allow-existing", "--python=>=3.11,<3.14",
+                      "switch-jax-venv"]
+  assert calls[6][:4] == ["python3", "-m", "uv", "pip"]
+  assert calls[6][-1] == "./switch_jax-0.1.0-py3-none-any.whl[tpu]"
+  assert calls[-1][:6] == [VENV_PYTHON, "-m", "switch_jax.cli.main", "train", "--distributed",
                            "--gin_file=models/switch_base_8.gin"]
   assert '--gin.MODEL_DIR="gs://bkt/a\\"$(touch pwned)"' in calls[-1]
   assert "--gin.TRAIN_STEPS=7" in calls[-1] and "--gin.TRAIN_STEPS=100000" not in calls[-1]
@@ -367,6 +395,7 @@ GOOD = dict(name="my-tpu", zone="us-central2-b", project="my-project", accelerat
     ({"package": "git+file:///etc"}, "git+https"),
     ({"package": None}, "no package to install"),
     ({"python": "python3; id"}, "remote python"),
+    ({"python": "--index-url=x"}, "remote python"),
 ])
 def test_invalid_inputs_raise_user_errors(change, message):
   with pytest.raises(UserError, match=re.escape(message)):
@@ -408,7 +437,7 @@ def test_huge_page_env_adds_the_tunable_once_and_keeps_the_users():
 def test_local_runs_the_command_as_an_argv_list(sandbox):
   tmp_path, env = sandbox
   stub = tmp_path / "bin" / "switch-jax"
-  stub.write_text(STUB_PYTHON3.replace("python3", "switch-jax")
+  stub.write_text(STUB_PYTHON.replace("NAME", "switch-jax")
                   + 'echo "$GLIBC_TUNABLES" > "$LOG_DIR/../tunables"\n')
   stub.chmod(0o755)
   result = _run_script("local.sh", {**env, "OUTPUT_DIR": "out $(touch pwned)"}, tmp_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 from typing import Sequence
 
 import jax
@@ -48,6 +49,8 @@ class CompiledMemory:
   num_all_to_alls: int
   all_to_all_bytes: int
   program_all_to_all_bytes: int
+  generated_code_bytes: int = 0  # the executable itself (on TPU it sits in HBM too)
+  compiler_peak_bytes: int = 0  # the compiler's own peak, where it reports one (TPU)
 
   @property
   def peak_bytes(self) -> int:
@@ -101,11 +104,23 @@ def stablehlo_all_to_all_bytes(text: str, num_expert_shards: int) -> int:
              for dims, dtype in re.findall(r"all_to_all.*-> tensor<([\dx]+)x(\w+)>", text))
 
 
-def compiled_memory(config: ModelConfig, mesh_shape: Sequence[int], *, batch_size: int,
-                    input_length: int, target_length: int, optimizer: str = "adafactor",
-                    num_microbatches: int = 1, devices=None) -> CompiledMemory:
-  """Compiles the real sharded train step on local devices from abstract
-  inputs (nothing is allocated) and reads what the compiler reports."""
+@dataclasses.dataclass
+class CompiledStep:
+  """The lowered and compiled train step with its abstract inputs."""
+  lowered: object
+  compiled: object
+  state: object
+  batch: dict
+  mesh_shape: tuple
+  seconds: float  # wall time of lower + compile
+
+
+def compile_step(config: ModelConfig, mesh_shape: Sequence[int], *, batch_size: int,
+                 input_length: int, target_length: int, optimizer: str = "adafactor",
+                 num_microbatches: int = 1, devices=None, mesh=None) -> CompiledStep:
+  """Lowers and compiles the real sharded train step from abstract inputs
+  (nothing is allocated, so `devices` may be a TPU topology's abstract
+  devices) on `mesh`, or on a mesh of `mesh_shape` over `devices`."""
   devices = list(jax.devices() if devices is None else devices)
   shape = tuple(int(s) for s in mesh_shape)
   size = math.prod(shape) if -1 not in shape else len(devices)
@@ -116,15 +131,16 @@ def compiled_memory(config: ModelConfig, mesh_shape: Sequence[int], *, batch_siz
   partitioning.check_fits(config, shape, batch_size)
   if optimizer not in OPTIMIZERS:
     raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+  start = time.perf_counter()
   model = EncoderDecoder(config)
   # The learning rate changes no shape or byte.
   opt = optimizers.make_optimizer(optimizer, 1e-3,
                                   boxed_params=param_count.abstract_params(config))
-  mesh = partitioning.make_mesh(shape, devices[:size])
+  mesh = partitioning.make_mesh(shape, devices[:size]) if mesh is None else mesh
   lengths = (input_length, target_length)
   with jax.set_mesh(mesh):
     shardings = ts.state_shardings(model, opt, mesh, batch_size, lengths)
-    abstract = jax.eval_shape(ts.init_fn(model, opt, batch_size, lengths), jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(ts.init_fn(model, opt, batch_size, lengths), ts.RNG_SHAPE)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          abstract, shardings)
     tokens = partitioning.batch_sharding(mesh)
@@ -136,18 +152,37 @@ def compiled_memory(config: ModelConfig, mesh_shape: Sequence[int], *, batch_siz
     step = ts.make_train_step(model, opt, mesh, shardings, num_microbatches=num_microbatches)
     lowered = step.lower(state, batch, rng)
     compiled = lowered.compile()
+  return CompiledStep(lowered, compiled, state, batch, shape, time.perf_counter() - start)
+
+
+def memory_of(step: CompiledStep, num_microbatches: int = 1) -> CompiledMemory:
+  """The per-device figures of a compiled step."""
   shard_bytes = lambda tree: sum(
       math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  stats = compiled.memory_analysis()
-  count, sent = hlo_all_to_all_bytes(compiled.as_text())
+  stats = step.compiled.memory_analysis()
+  count, sent = hlo_all_to_all_bytes(step.compiled.as_text())
   # With microbatches every all-to-all sits in the scan's body, which the
   # HLO lists once and runs `num_microbatches` times.
   return CompiledMemory(
       argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
       alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
-      param_bytes=shard_bytes(state.params),
-      optimizer_bytes=shard_bytes(state.opt_state) + shard_bytes(state.step),
-      batch_bytes=shard_bytes(batch), num_all_to_alls=count,
+      param_bytes=shard_bytes(step.state.params),
+      optimizer_bytes=shard_bytes(step.state.opt_state) + shard_bytes(step.state.step),
+      batch_bytes=shard_bytes(step.batch), num_all_to_alls=count,
       all_to_all_bytes=sent * num_microbatches,
       program_all_to_all_bytes=num_microbatches * stablehlo_all_to_all_bytes(
-          lowered.as_text(), shape[1]))
+          step.lowered.as_text(), step.mesh_shape[1]),
+      generated_code_bytes=stats.generated_code_size_in_bytes,
+      compiler_peak_bytes=getattr(stats, "peak_memory_in_bytes", 0) or 0)
+
+
+def compiled_memory(config: ModelConfig, mesh_shape: Sequence[int], *, batch_size: int,
+                    input_length: int, target_length: int, optimizer: str = "adafactor",
+                    num_microbatches: int = 1, devices=None) -> CompiledMemory:
+  """Compiles the real sharded train step on `devices` (default: the local
+  ones; abstract TPU devices work too) from abstract inputs and reads what
+  the compiler reports."""
+  step = compile_step(config, mesh_shape, batch_size=batch_size, input_length=input_length,
+                      target_length=target_length, optimizer=optimizer,
+                      num_microbatches=num_microbatches, devices=devices)
+  return memory_of(step, num_microbatches)

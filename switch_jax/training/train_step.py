@@ -26,6 +26,8 @@ from switch_jax.model.losses import Teacher, loss_fn
 
 Array = jax.Array
 Batch = Mapping[str, Array]
+# A raw `jax.random.PRNGKey`, abstractly (what eval_shape and lower take).
+RNG_SHAPE = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
 
 @flax.struct.dataclass
@@ -98,11 +100,15 @@ def train_step(state: TrainState, batch: Batch, rng: Array, teacher_params=None,
 
 def init_fn(model: EncoderDecoder, optimizer: optax.GradientTransformation, batch_size: int,
             lengths: tuple[int, int]) -> Callable[[Array], TrainState]:
-  """A function rng -> TrainState (boxed params stripped), for jit or eval_shape."""
-  enc = jnp.ones((batch_size, lengths[0]), jnp.int32)
-  dec = jnp.ones((batch_size, lengths[1]), jnp.int32)
+  """A function rng -> TrainState (boxed params stripped), for jit or eval_shape.
+
+  The dummy tokens are made inside the traced function, so no concrete
+  array is created: eval_shape under a mesh of abstract devices (a TPU
+  topology compiled for on a CPU, planning/tpu.py) allocates nothing."""
 
   def init(rng):
+    enc = jnp.ones((batch_size, lengths[0]), jnp.int32)
+    dec = jnp.ones((batch_size, lengths[1]), jnp.int32)
     params = nn.unbox(model.init(rng, enc, dec)["params"])
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
   return init
@@ -112,10 +118,11 @@ def state_shardings(model: EncoderDecoder, optimizer, mesh: Mesh, batch_size: in
                     lengths: tuple[int, int]) -> TrainState:
   """NamedShardings for the train state: params by their logical axes, the
   optimizer state like the parameters it tracks."""
-  enc = jnp.ones((batch_size, lengths[0]), jnp.int32)
-  dec = jnp.ones((batch_size, lengths[1]), jnp.int32)
+  # Abstract inputs only: `mesh` may hold abstract devices (a TPU topology).
+  enc = jax.ShapeDtypeStruct((batch_size, lengths[0]), jnp.int32)
+  dec = jax.ShapeDtypeStruct((batch_size, lengths[1]), jnp.int32)
   with jax.set_mesh(None):  # shapes only (see init_fn)
-    boxed = jax.eval_shape(lambda r: model.init(r, enc, dec)["params"], jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(lambda r, e, d: model.init(r, e, d)["params"], RNG_SHAPE, enc, dec)
   param_shardings = partitioning.logical_to_sharding(boxed, mesh)
   abstract_params = nn.unbox(boxed)
   opt_state = jax.eval_shape(optimizer.init, abstract_params)

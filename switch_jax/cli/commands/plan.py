@@ -9,6 +9,18 @@ train step of a config on a (data, expert, model) mesh.
 The plan is analytic, so the mesh may be far larger than this machine.
 With --compile (and a mesh that fits the local or --num_cpu_devices CPU
 devices) it also compiles the real step and prints XLA's figures beside it.
+
+  switch-jax plan --model switch_base_8 --set dtype=bfloat16 --topology v5e-16 \\
+      --batch_size 256
+
+With --topology (a TPU slice: v5e-N, v6e-N chips; v4-N, v5p-N TensorCores;
+'2xv5e-16' or --num_slices for several slices) it compiles the real step
+for that slice with the TPU compiler (libtpu, `pip install -e ".[tpu]"`;
+no TPU needed) and prints its HBM use per chip against the chip's, FLOPs,
+the all-to-alls, any all-gather of expert weights and the compiler's
+ESTIMATED step time with MFU at it. Without --mesh_shape the mesh is
+planning/tpu.py's default: experts over as many chips of a slice as
+divide the experts, the rest data parallel.
 `--mesh` and `--emulate_devices` are deprecated aliases of `--mesh_shape`
 and `--num_cpu_devices` (the spellings of train, eval and infer).
 """
@@ -25,14 +37,14 @@ from switch_jax.cli.commands import gin_flags
 from switch_jax.config import ModelConfig, get_config
 from switch_jax.errors import ConfigError, UserError
 # Importing JAX starts no backend, so --num_cpu_devices still applies after.
-from switch_jax.planning import analytic, compiled as compiled_step
+from switch_jax.planning import analytic, compiled as compiled_step, tpu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", required=True, help="a named config, e.g. switch_c_2048")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a ModelConfig field (repeatable), e.g. dtype=bfloat16")
-  gin_flags.add_mesh_argument(parser, required=True)
+  gin_flags.add_mesh_argument(parser, default_help=" (required unless --topology)")
   parser.add_argument("--num_devices", type=int,
                       help="devices of the planned system (resolves a -1 in --mesh_shape)")
   parser.add_argument("--batch_size", type=int, required=True, help="global sequences per step")
@@ -40,10 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--target_length", type=int, default=114)
   parser.add_argument("--optimizer", choices=("adafactor", "adam"), default="adafactor")
   parser.add_argument("--num_microbatches", type=int, default=1)
-  parser.add_argument("--device_memory_gib", type=float, default=16.0,
-                      help="memory per chip (16 TPU v3, 32 TPU v4)")
+  parser.add_argument("--device_memory_gib", type=float, default=None,
+                      help="memory per chip (default: the --topology chip's HBM, else 16)")
   parser.add_argument("--compile", action="store_true",
                       help="also compile the step on local devices if the mesh fits them")
+  parser.add_argument("--topology", metavar="TPU",
+                      help="compile for this TPU slice (v5e-16, v4-64, v5p-128, v6e-8, "
+                           "2xv5e-16, or a libtpu name like v5e:4x4); needs the tpu extra")
+  parser.add_argument("--num_slices", type=int, default=None,
+                      help="slices of --topology joined over the data-center network")
   gin_flags.add_device_arguments(parser)
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -180,11 +197,94 @@ def _table(name: str, config: ModelConfig, plan, compiled) -> str:
   return "\n".join(lines)
 
 
+def _flop(count: float) -> str:
+  for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9)):
+    if count >= scale:
+      return f"{count / scale:.4g} {unit}"
+  return f"{count / 1e6:.4g} MFLOP"
+
+
+def _tpu_table(step, plan) -> str:
+  """The TPU compiler's figures for one chip, beside the analytic plan's."""
+  m = step.memory
+  data, expert, model = step.mesh_shape
+  lines = [
+      "",
+      f"TPU {step.topology}: {math.prod(step.mesh_shape)} x {step.device_kind}, mesh data "
+      f"{data} x expert {expert} x model {model}, expert kernel {step.dispatch!r}, compiled "
+      f"for it on this machine in {step.compile_seconds:.0f} s",
+      "per chip (TPU compiler)",
+      f"  {'arguments (state, batch)':29s}{_size(m.argument_bytes):>14s}",
+      f"  {'outputs not in place':29s}{_size(m.output_bytes - m.alias_bytes):>14s}",
+      f"  {'temporaries (at the peak)':29s}{_size(step.temporaries_bytes):>14s}",
+      f"  {'program (generated code)':29s}{_size(m.generated_code_bytes):>14s}",
+  ]
+  verdict = "fits" if step.fits else "DOES NOT FIT"
+  ratio = plan.total_bytes / step.step_bytes
+  lines.append(f"  {'total':29s}{_size(step.used_bytes):>14s}  of {_size(step.hbm_bytes)} "
+               f"HBM: {verdict} (analytic {_size(plan.total_bytes)}: {ratio:.2f}x the "
+               f"compiler's peak without the program)")
+  lines.append(f"compute: {_flop(step.flops)} per chip per step (cost model, all ops), "
+               f"{_flop(step.flops * plan.num_devices)} for the slice; model matmuls "
+               f"{_flop(step.model_flops)} per chip (analytic)")
+  dtypes = ", ".join(f"{n} {t}" for t, n in step.all_to_all_dtypes.items()) or "none"
+  lines.append(f"all-to-all: {len(step.all_to_alls)} ops ({dtypes}), "
+               f"{_size(step.all_to_all_bytes)} sent per chip per step (analytic "
+               f"{_size(plan.all_to_all_bytes)})")
+  gathers = step.expert_weight_gathers
+  if gathers:
+    shapes = sorted({f"{c.op} {t}{list(s)}" for c in gathers for t, s in c.arrays})
+    lines.append(f"expert weights: {len(gathers)} all-gather/reduce-scatter(s) of expert "
+                 f"weights in the HLO: {'; '.join(shapes[:4])}")
+  else:
+    lines.append("expert weights: no all-gather or reduce-scatter of expert weights "
+                 f"({step.expert_weight_all_reduces} all-reduce(s) of expert gradients over "
+                 "the data axis)")
+  if step.estimated_seconds:
+    lines.append(f"ESTIMATED step time {step.estimated_seconds * 1e3:.4g} ms: the TPU "
+                 f"compiler's cost model (optimal_seconds), not a measurement; MFU at it "
+                 f"{step.mfu:.1%} of {step.peak_flops / 1e12:g} bf16 TFLOP/s per chip")
+  else:
+    lines.append("no step-time estimate: the cost model gives none for this program "
+                 "(it has none over several slices)")
+  return "\n".join(lines)
+
+
+def _compile_for_topology(args, config):
+  """(topology, its TPU-compiled step) for --topology."""
+  from switch_jax.planning import tpu_compile  # pylint: disable=import-outside-toplevel
+  topology = tpu.parse_topology(args.topology, args.num_slices)
+  devices = tpu.topology_devices(topology)
+  mesh = gin_flags.mesh_shape(args.mesh_shape) if args.mesh_shape else None
+  step = tpu_compile.compile_for_topology(
+      config, topology, mesh, batch_size=args.batch_size, input_length=args.input_length,
+      target_length=args.target_length, optimizer=args.optimizer,
+      num_microbatches=args.num_microbatches, devices=devices)
+  return topology, step
+
+
 def run(args) -> int:
   if args.num_cpu_devices:
     _emulate(args.num_cpu_devices)
   config = model_config(args)
-  mesh = gin_flags.mesh_shape(args.mesh_shape)
+  if args.num_slices and not args.topology:
+    raise UserError("--num_slices needs --topology")
+  tpu_step = None
+  if args.topology:
+    if args.compile:
+      raise UserError("--topology compiles for the TPU slice; drop --compile (which "
+                      "compiles for local devices)")
+    topology, tpu_step = _compile_for_topology(args, config)
+    if args.device_memory_gib is None:
+      args.device_memory_gib = topology.chip.hbm_gib
+    mesh = tpu_step.mesh_shape
+    config = config.replace(dispatch=tpu_step.dispatch) if config.is_moe else config
+  elif args.mesh_shape is None:
+    raise UserError("give --mesh_shape DATA,EXPERT,MODEL (or --topology for a TPU slice)")
+  else:
+    mesh = gin_flags.mesh_shape(args.mesh_shape)
+  if args.device_memory_gib is None:
+    args.device_memory_gib = 16.0
   num_devices = args.num_devices
   if num_devices is None and -1 in mesh:
     if not (args.compile or args.num_cpu_devices):
@@ -206,17 +306,23 @@ def run(args) -> int:
           target_length=args.target_length, optimizer=args.optimizer,
           num_microbatches=args.num_microbatches)
   warning = None
-  if plan.fits is False:
+  over = plan.fits is False or (tpu_step is not None and not tpu_step.fits)
+  if over:
     options = alternatives(config, plan, args)
-    warning = (f"WARNING: needs {_size(plan.total_bytes)} per device, more than the "
-               f"{args.device_memory_gib:g} GiB given; try "
+    need = tpu_step.used_bytes if tpu_step is not None else plan.total_bytes
+    source = "the TPU compiler" if tpu_step is not None else "the analytic plan"
+    warning = (f"WARNING: {source} needs {_size(need)} per device, more than the "
+               f"{args.device_memory_gib:g} GiB given; the analytic planner suggests "
                + ("; ".join(options) if options else "more devices (a larger mesh)"))
   if args.json:
     print(json.dumps({"model": args.model, "plan": plan.to_dict(),
                       "compiled": compiled.to_dict() if compiled else None,
+                      "tpu": tpu_step.to_dict() if tpu_step else None,
                       "note": note, "warning": warning}, indent=2, default=str))
     return 0
   print(_table(args.model, config, plan, compiled))
+  if tpu_step is not None:
+    print(_tpu_table(tpu_step, plan))
   for line in (note, warning):
     if line:
       print(line)

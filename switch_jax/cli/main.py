@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util  # `import importlib` alone does not load the submodule
 import os
 import sys
 

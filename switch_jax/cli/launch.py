@@ -131,6 +131,20 @@ def check_gcs_path(path: str, what: str) -> str:
   return path
 
 
+def check_shared_path(path: str, what: str) -> str:
+  """`path` if it is gs://BUCKET/... or an absolute path (one that every
+  worker mounts at the same place: Filestore, NFS, a gcsfuse mount of a
+  bucket), else a UserError."""
+  _check_text(path, what)
+  if path.startswith("gs://"):
+    return check_gcs_path(path, what)
+  if not path.startswith("/"):
+    raise UserError(f"{what} {path!r} must be an absolute path on the file system every "
+                    "worker mounts (or gs://BUCKET/...): a relative one would be each "
+                    "worker's own")
+  return path
+
+
 def gin_string(value: str) -> str:
   """A double-quoted gin string literal that gin parses back to `value`."""
   return json.dumps(_check_text(value, "gin string"), ensure_ascii=False)
@@ -351,17 +365,21 @@ def tpu_install_commands(name: str, zone: str, project: str, source: str, *,
 def tpu_train_command(name: str, zone: str, project: str, gin_files: Sequence[str],
                       gin_bindings: Mapping[str, GinValue], model_dir: str,
                       tfds_data_dir: Optional[str] = None,
-                      extra_flags: Sequence[str] = ()) -> list[str]:
+                      extra_flags: Sequence[str] = (), *,
+                      shared_filesystem: bool = False) -> list[str]:
   """`switch-jax train --distributed` on every worker: the same command on
   each host, where jax.distributed.initialize() finds the others itself.
   It runs with the Python of the virtualenv that tpu_install_commands made.
+  The model and data dirs are gs:// paths, or with `shared_filesystem`
+  absolute paths of a file system mounted on every worker.
 
   `python -m switch_jax.cli.main` rather than the `switch-jax` script: it
   names the interpreter, so nothing depends on the ssh session's PATH.
   """
-  check_gcs_path(model_dir, "model dir")
+  check_path = check_shared_path if shared_filesystem else check_gcs_path
+  check_path(model_dir, "model dir")
   if tfds_data_dir is not None:
-    check_gcs_path(tfds_data_dir, "TFDS data dir")
+    check_path(tfds_data_dir, "TFDS data dir")
   train = [worker_python(), "-m", "switch_jax.cli.main", "train", "--distributed",
            *trainer_args(gin_files, gin_bindings, model_dir=model_dir,
                          tfds_data_dir=tfds_data_dir, extra_flags=extra_flags)]
@@ -392,7 +410,8 @@ def tpu_plan(*, name: str, zone: str, project: str, accelerator_type: str,
              gin_files: Sequence[str], gin_bindings: Mapping[str, GinValue] = None,
              model_dir: str, tfds_data_dir: Optional[str] = None,
              extra_flags: Sequence[str] = (), python: str = DEFAULT_PYTHON,
-             install: bool = True, delete: bool = False) -> list[Step]:
+             install: bool = True, delete: bool = False,
+             shared_filesystem: bool = False) -> list[Step]:
   """Create or reuse the slice, install the package, train, maybe delete."""
   steps = [
       Step("describe", tpu_describe_command(name, zone, project),
@@ -410,7 +429,7 @@ def tpu_plan(*, name: str, zone: str, project: str, accelerator_type: str,
               for i, argv in enumerate(install_commands)]
   steps.append(Step("train", tpu_train_command(
       name, zone, project, gin_files, gin_bindings or {}, model_dir, tfds_data_dir,
-      extra_flags),
+      extra_flags, shared_filesystem=shared_filesystem),
       "Train on every worker (re-running resumes from the newest checkpoint in the model dir):"))
   if delete:
     steps.append(Step("delete", tpu_delete_command(name, zone, project),

@@ -55,8 +55,9 @@ def wheel(tmp_path_factory):
     shutil.copytree(REPO / name, source / name,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
   dist = tmp_path_factory.mktemp("dist")
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                  "-q", "-w", str(dist), str(source)], check=True)
+  # uv, not pip: a venv that uv made (CI's second Python) has no pip.
+  subprocess.run([sys.executable, "-m", "uv", "build", "--wheel", "--quiet", "--out-dir",
+                  str(dist), str(source)], check=True)
   return dist / WHEEL_NAME
 
 

@@ -32,14 +32,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from typing import Any, Optional
 
 import flax.linen as nn
 import numpy as np
 from flax import traverse_util
+from etils import epath
 from safetensors.numpy import save_file
 
+from switch_jax import storage
 from switch_jax.checkpoints.model_format import atomic_directory, check_shapes, read_json_object
 from switch_jax.config import ModelConfig
 from switch_jax.checkpoints.weight_files import read_weights
@@ -353,8 +354,8 @@ def params_to_hf(params: Any, config: ModelConfig) -> dict[str, np.ndarray]:
 
 def load_hf_config(directory) -> dict:
   """The HF config.json dict of a model directory."""
-  directory = Path(directory)
-  if not directory.is_dir():
+  directory = storage.path(directory)
+  if not storage.is_there(directory, "HF model directory", "dir"):
     raise UserError(f"HF model directory {directory} does not exist")
   file = directory / "config.json"
   if not file.is_file():
@@ -365,15 +366,16 @@ def load_hf_config(directory) -> dict:
 def load_hf_dir(directory) -> tuple[ModelConfig, dict]:
   """(config, unboxed float32 params) of a HF SwitchTransformers directory."""
   config = config_from_hf(load_hf_config(directory))
-  return config, hf_to_params(read_weights(directory), config)
+  with storage.local_copy(directory) as local:  # safetensors and torch read local files
+    return config, hf_to_params(read_weights(local), config)
 
 
 def save_hf_dir(directory, config: ModelConfig, params: Any, *,
-                expert_capacity: Optional[int] = None, overwrite: bool = False) -> Path:
+                expert_capacity: Optional[int] = None, overwrite: bool = False) -> epath.Path:
   """Writes config.json and model.safetensors atomically (nothing on error)."""
   hf_config = config_to_hf(config, expert_capacity)
   tensors = params_to_hf(params, config)
-  with atomic_directory(directory, overwrite) as tmp:
+  with atomic_directory(directory, overwrite, marker="config.json") as tmp:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-  return Path(directory)
+  return storage.path(directory)

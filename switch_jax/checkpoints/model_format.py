@@ -17,13 +17,9 @@ also through MODEL_DIR/checkpoints) and one step directory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import shutil
-import uuid
-from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, ContextManager, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -32,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
-from switch_jax import __version__
+from switch_jax import __version__, storage
 from switch_jax.config import ModelConfig
 from switch_jax.errors import UserError
 from switch_jax.model.param_count import abstract_params
@@ -48,41 +44,16 @@ CHECKPOINT_HELP = ("a model checkpoint (from `switch-jax convert`), a training r
                    "(its newest complete step) or one step directory")
 
 
-@contextlib.contextmanager
-def atomic_directory(path, overwrite: bool = False) -> Iterator[Path]:
-  """Yields an empty temporary sibling of `path`, renamed to `path` on success.
-
-  If the block raises, the temporary directory is removed and `path` is
-  untouched, so a reader never sees a half-written checkpoint.
+def atomic_directory(path, overwrite: bool = False,
+                     marker: str = METADATA_FILE) -> ContextManager[epath.Path]:
+  """Yields an empty local directory that becomes `path` on success
+  (`storage.staged_directory`): locally renamed into place, on a bucket
+  uploaded with `marker` last. If the block raises, `path` is untouched.
 
   Raises:
     UserError: `path` is a file, or a non-empty directory and not `overwrite`.
   """
-  path = Path(path).absolute()
-  if path.exists() and not path.is_dir():
-    raise UserError(f"{path} exists and is not a directory")
-  if path.is_dir() and any(path.iterdir()) and not overwrite:
-    raise UserError(f"{path} exists and is not empty; choose a new path or pass --overwrite")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # mkdir (not mkdtemp) so the directory gets the umask's permissions, not 0700.
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-  tmp.mkdir()
-  try:
-    yield tmp
-    if path.exists():
-      old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
-      path.rename(old)
-      try:
-        tmp.rename(path)
-      except BaseException:
-        old.rename(path)
-        raise
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      tmp.rename(path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  return storage.staged_directory(path, marker, overwrite)
 
 
 def _expected_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -114,7 +85,7 @@ def write_model(directory, config: ModelConfig, params: Any,
     params: the parameter tree, boxed or not; saved unboxed as float32.
     metadata: JSON-serializable extras (e.g. {"source": "hf:google/switch-base-8"}).
   """
-  directory = Path(directory).absolute()
+  directory = storage.path(directory)
   params = jax.tree.map(
       lambda x: x if getattr(x, "dtype", None) == np.float32 else np.asarray(x, np.float32),
       nn.unbox(params))
@@ -129,7 +100,7 @@ def write_model(directory, config: ModelConfig, params: Any,
 
 
 def save_model(path, config: ModelConfig, params: Any,
-               metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> Path:
+               metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> epath.Path:
   """Writes a model checkpoint at `path` atomically; returns the path.
 
   Raises:
@@ -138,10 +109,10 @@ def save_model(path, config: ModelConfig, params: Any,
   """
   with atomic_directory(path, overwrite) as tmp:
     write_model(tmp, config, params, metadata)
-  return Path(path)
+  return storage.path(path)
 
 
-def read_json_object(file: Path) -> dict:
+def read_json_object(file) -> dict:
   """A JSON file holding an object; a UserError naming the file otherwise."""
   try:
     value = json.loads(epath.Path(file).read_text())
@@ -154,8 +125,7 @@ def read_json_object(file: Path) -> dict:
 
 def absolute(path) -> epath.Path:
   """A local path made absolute; a bucket path (gs://...) as it is."""
-  path = epath.Path(path)
-  return path if "://" in str(path) else path.absolute()
+  return storage.path(path)
 
 
 def load_metadata(path) -> dict:
@@ -247,7 +217,7 @@ def resolve(path) -> ModelSource:
   if not path:
     raise UserError("no checkpoint given")
   path = absolute(path)
-  if not path.is_dir():
+  if not storage.is_there(path, "checkpoint", "dir"):
     raise UserError(f"checkpoint {path} does not exist (expected a model checkpoint from "
                     "`switch-jax convert`, a training run's MODEL_DIR or one of its "
                     f"{RUN_STEPS_DIR}/<step> directories)")

@@ -10,15 +10,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
+from etils import epath  # noqa: E402  pylint: disable=wrong-import-position
 
-from switch_jax import run_logging  # noqa: E402  pylint: disable=wrong-import-position
+from switch_jax import run_logging, storage  # noqa: E402  pylint: disable=wrong-import-position
 from switch_jax.errors import UserError  # noqa: E402  pylint: disable=wrong-import-position
 
 
@@ -38,7 +37,7 @@ def _task_losses(evals) -> dict[str, str]:
           if name.endswith(suffix)}
 
 
-def plot_loss(train, evals, path: Path) -> Path:
+def plot_loss(train, evals, path: epath.Path) -> epath.Path:
   fig, ax = plt.subplots(figsize=(7, 4))
   lines = [(train, "loss", "train loss", "-"), (evals, "loss", "eval loss", "o-")]
   lines += [(evals, name, f"eval loss: {task}", "o--")
@@ -52,12 +51,12 @@ def plot_loss(train, evals, path: Path) -> Path:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   plt.close(fig)
   return path
 
 
-def plot_expert_load(records, path: Path) -> Path:
+def plot_expert_load(records, path: epath.Path) -> epath.Path:
   """One panel per layer (load over steps) and a heatmap of the last step."""
   steps = [r["step"] for r in records]
   load = np.asarray([r[run_logging.EXPERT_LOAD] for r in records], dtype=float)  # [T, layers, E]
@@ -89,22 +88,30 @@ def plot_expert_load(records, path: Path) -> Path:
   ax.set_yticks(range(layers), names, fontsize=7)
   fig.colorbar(image, ax=ax)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path)
   plt.close(fig)
   return path
 
 
-def write_plots(model_dir, out=None) -> list[Path]:
+def _save(fig, path: epath.Path) -> None:
+  """A PNG at `path`, local or on a bucket (through the file layer's open)."""
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
+
+
+def write_plots(model_dir, out=None) -> list[epath.Path]:
   """Writes loss.png (and expert_load.png for a Switch model); returns the paths."""
-  model_dir = Path(model_dir)
-  if not (model_dir / "metrics.jsonl").is_file():
-    raise UserError(f"{model_dir} has no metrics.jsonl; pass a training run's directory")
+  model_dir = storage.path(model_dir)
+  if not run_logging.metrics_files(model_dir):
+    raise UserError(f"{model_dir} has no metrics.jsonl (nor metrics-*.jsonl parts); pass a "
+                    "training run's directory")
   train = run_logging.read_records(model_dir, "train")
   evals = run_logging.read_records(model_dir, "eval")
   if not train and not evals:
-    raise UserError(f"{model_dir / 'metrics.jsonl'} holds no train or eval records")
-  out = Path(out) if out else model_dir
-  out.mkdir(parents=True, exist_ok=True)
+    raise UserError(f"{model_dir}'s metrics hold no train or eval records")
+  out = storage.path(out) if out else model_dir
+  if not storage.is_bucket(out):
+    out.mkdir(parents=True, exist_ok=True)
   written = [plot_loss(train, evals, out / "loss.png")]
   with_load = [r for r in train if r.get(run_logging.EXPERT_LOAD) and "step" in r]
   if with_load:

@@ -16,7 +16,6 @@ import contextlib
 import functools
 import json
 import math
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -24,11 +23,12 @@ import numpy as np
 import seqio
 from jax.sharding import Mesh
 
+from switch_jax import storage
 from switch_jax.checkpoints import model_format
 from switch_jax.config import ModelConfig
 from switch_jax.data import pipeline, sources
 from switch_jax.errors import UserError
-from switch_jax.evaluation.inference import check_decode, decode_tokens, write_atomically
+from switch_jax.evaluation.inference import check_decode, decode_tokens
 from switch_jax.evaluation.restore import restore_for_eval
 from switch_jax.evaluation.teacher_forced import eval_dataset_metrics
 from switch_jax.model.encoder_decoder import EncoderDecoder
@@ -177,6 +177,6 @@ def evaluate(*, checkpoint_path: str, dataset: Optional[pipeline.DatasetConfig] 
     record = {"checkpoint": str(checkpoint_path), "evaluated": str(source.path),
               "step": source.step, "task": dataset.mixture_or_task_name,
               "split": dataset.split, "decode": decode, "metrics": results}
-    write_atomically(Path(output_dir) / "eval_results.json",
-                      json.dumps(record, indent=2, sort_keys=True) + "\n")
+    storage.write_atomically(storage.path(output_dir) / "eval_results.json",
+                             json.dumps(record, indent=2, sort_keys=True) + "\n")
   return results

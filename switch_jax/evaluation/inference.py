@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
@@ -16,7 +14,7 @@ import seqio
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from switch_jax import partitioning
+from switch_jax import partitioning, storage
 from switch_jax.config import ModelConfig
 from switch_jax.data import pipeline, sources, vocabularies
 from switch_jax.errors import UserError
@@ -81,14 +79,6 @@ def check_decode(decode: str) -> None:
     raise UserError(f"decode must be 'greedy' or 'beam', got {decode!r}")
 
 
-def write_atomically(path: Path, text: str) -> None:
-  """Readers see the old file or the whole new one, never a partial file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text, encoding="utf-8")
-  tmp.replace(path)
-
-
 def _vocabulary(vocabulary: Union[str, seqio.Vocabulary, None]) -> Optional[seqio.Vocabulary]:
   """'byte', a SentencePiece model path, or a vocabulary object as is."""
   if vocabulary is None or isinstance(vocabulary, seqio.Vocabulary):
@@ -121,8 +111,8 @@ def _task_examples(dataset: pipeline.DatasetConfig, max_examples: Optional[int])
 
 def _file_examples(input_file, vocab: seqio.Vocabulary, input_length: int):
   """[{"input"}] and token rows, each cut to `input_length` with EOS last."""
-  path = Path(input_file)
-  if not path.is_file():
+  path = storage.path(input_file)
+  if not storage.is_there(path, "input file", "file"):
     raise UserError(f"input file {input_file} does not exist")
   try:
     texts = path.read_text(encoding="utf-8").splitlines()
@@ -187,5 +177,5 @@ def infer(*, checkpoint_path: str, output_file: str,
                        "tokens": strip_after_eos(row)}, ensure_ascii=False) + "\n"
            for record, row in zip(records, tokens)]
   if jax.process_index() == 0:
-    write_atomically(Path(output_file), "".join(lines))
+    storage.write_atomically(output_file, "".join(lines))
   return len(lines)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import jax
 
+from switch_jax import storage
 from switch_jax.checkpoints import hf, model_format
 from switch_jax.errors import UserError
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
       raise UserError("--checkpoint and --expert_capacity go with --to hf, not --from hf")
     config, params = hf.load_hf_dir(args.hf_dir)
     source = hf.load_hf_config(args.hf_dir).get("_name_or_path") or str(
-        Path(args.hf_dir).absolute())
+        storage.path(args.hf_dir))
     model_format.save_model(args.out, config, params, metadata={"source": f"hf:{source}"},
                            overwrite=args.overwrite)
   else:

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from switch_jax import storage
 from switch_jax.checkpoints import model_format
 from switch_jax.errors import UserError
 from switch_jax.model import losses
@@ -55,11 +54,11 @@ def _token_ids(value, name: str, where: str) -> list[int]:
 
 def read_examples(path) -> list[tuple[list[int], list[int], int]]:
   """[(inputs, targets, line number)] of a JSONL file, validated."""
-  path = Path(path)
-  if not path.is_file():
+  path = storage.path(path)
+  if not storage.is_there(path, "examples file", "file"):
     raise UserError(f"examples file {path} does not exist")
   examples = []
-  with path.open(encoding="utf-8") as f:
+  with path.open("r", encoding="utf-8") as f:
     for number, line in enumerate(f, start=1):
       where = f"{path}:{number}"
       if not line.strip():
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
   if args.batch_size <= 0:
     raise UserError(f"--batch_size must be positive, got {args.batch_size}")
   examples = read_examples(args.examples)
-  if args.out and not Path(args.out).absolute().parent.is_dir():
+  if args.out and not storage.parent_exists(args.out):
     raise UserError(f"--out {args.out}: its directory does not exist")
   config, params = model_format.load_model(args.checkpoint)
   for inputs, targets, number in examples:
@@ -134,10 +133,7 @@ def run(args: argparse.Namespace) -> int:
   lines = "".join(json.dumps(r) + "\n" for r in
                   score_examples(config, params, examples, args.batch_size))
   if args.out:
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(lines)
-    tmp.replace(out)  # readers never see a partial file
+    storage.write_atomically(args.out, lines)  # readers never see a partial file
   else:
     sys.stdout.write(lines)
   return 0

@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 
 import gin
-from etils import epath
-
+from switch_jax import storage
 from switch_jax.cli.commands import gin_flags
 
 
@@ -34,10 +33,12 @@ def run(args) -> int:
   import jax  # pylint: disable=import-outside-toplevel
   from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
   train = gin.get_configurable("train")
-  model_dir = epath.Path(gin_config.query("train.model_dir"))
+  model_dir = storage.path(gin_config.query("train.model_dir"))
   summary = train(run_config=gin.config_str())
   if jax.process_index() == 0:
-    (model_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    storage.write_atomically(model_dir / "train_summary.json",
+                             json.dumps(summary, indent=2, default=str))
+    metrics = model_dir / ("metrics-*.jsonl" if storage.is_bucket(model_dir) else "metrics.jsonl")
     print(f"Done at step {summary['step']}. Checkpoints: {summary['checkpoint_dir']}; "
-          f"metrics: {model_dir / 'metrics.jsonl'}")
+          f"metrics: {metrics}")
   return 0

@@ -66,8 +66,9 @@ def setup(args) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   if args.num_cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
+  settings = gin_flags.distributed_settings(args)
   if args.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**settings)
   bindings = list(getattr(args, "gin_bindings", []))
   if bindings:
     import gin  # pylint: disable=import-outside-toplevel

@@ -21,8 +21,7 @@ def add_gin_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tfds_data_dir", default=None,
                       help="where TFDS datasets are prepared (read-only; nothing downloads)")
   add_device_arguments(parser)
-  parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() first (multi-host TPU pods)")
+  add_distributed_arguments(parser)
   parser.epilog = ("Any --gin.NAME=VALUE flag becomes the gin binding `NAME = VALUE`, applied "
                    "after the files, e.g. --gin.MODEL_DIR=\\\"/tmp/run\\\" "
                    "--gin.ModelConfig.num_experts=8; t5x's --gin_bindings=\"NAME = VALUE\" "
@@ -53,6 +52,62 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     else:
       rest.append(arg)
   return rest, bindings
+
+
+# Where --distributed's process count and index come from when no flag gives
+# them (the coordinator's address has JAX's own JAX_COORDINATOR_ADDRESS).
+NUM_PROCESSES_ENV = "SWITCH_JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "SWITCH_JAX_PROCESS_ID"
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+  """--distributed, and where its processes meet when JAX cannot tell."""
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() first (multi-host TPU pods); on "
+                           "Cloud TPU and GKE it finds the other hosts itself")
+  parser.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                      help="with --distributed, on a cluster JAX does not detect: where process "
+                           "0 serves the coordinator (default $JAX_COORDINATOR_ADDRESS)")
+  parser.add_argument("--num_processes", type=int, default=None, metavar="N",
+                      help="with --distributed: the number of processes (default "
+                           f"${NUM_PROCESSES_ENV})")
+  parser.add_argument("--process_id", type=int, default=None, metavar="I",
+                      help=f"with --distributed: this process, 0..N-1 (default ${PROCESS_ID_ENV})")
+
+
+def distributed_settings(args, environ=os.environ) -> dict:
+  """The keyword arguments of jax.distributed.initialize for --distributed.
+
+  Empty on Cloud TPU and GKE, where JAX reads the slice's metadata itself.
+  Elsewhere (a CPU or GPU cluster, the simulated pod of the tests) the flags,
+  or the environment on each host, name the coordinator (JAX's own
+  JAX_COORDINATOR_ADDRESS), the process count and this process's index;
+  JAX detects whatever is left unset where it can (SLURM, Open MPI, ...).
+  """
+  sources = (("coordinator_address", "JAX_COORDINATOR_ADDRESS", str),
+             ("num_processes", NUM_PROCESSES_ENV, int), ("process_id", PROCESS_ID_ENV, int))
+  if not getattr(args, "distributed", False):
+    for key, _, _ in sources:
+      if getattr(args, key, None) is not None:
+        raise UserError(f"--{key} is for multi-process runs: pass --distributed too")
+    return {}  # a cluster's environment variables matter only with --distributed
+  settings = {}
+  for key, env, kind in sources:
+    value = getattr(args, key, None)
+    if value is None and environ.get(env):
+      try:
+        value = kind(environ[env])
+      except ValueError:
+        raise UserError(f"${env}={environ[env]!r} is not an integer") from None
+    if value is not None:
+      settings[key] = value
+  count, index = settings.get("num_processes"), settings.get("process_id")
+  if count is not None and count < 1:
+    raise UserError(f"the number of processes must be positive, got {count}")
+  if index is not None and count is not None and not 0 <= index < count:
+    raise UserError(f"process id {index} is not in 0..{count - 1} (the number of processes "
+                    f"is {count})")
+  return settings
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, default=None) -> None:
@@ -97,8 +152,9 @@ def setup(args) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   if args.num_cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
+  settings = distributed_settings(args)
   if args.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**settings)
   from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
   bindings = list(getattr(args, "gin_bindings", []))
   if args.tfds_data_dir:

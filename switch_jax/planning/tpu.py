@@ -29,13 +29,15 @@ GIB = 2 ** 30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One TPU generation. HBM and peak bfloat16 FLOP/s per chip are Google
-  Cloud's published figures (each row cites its page); the pages say "GB",
-  and the HBM stacks are binary sizes, so they are taken as GiB."""
+  """One TPU generation. HBM size and bandwidth and peak bfloat16 FLOP/s
+  per chip are Google Cloud's published figures (each row cites its page);
+  the pages say "GB" for the size, and HBM stacks are binary sizes, so it
+  is taken as GiB; the bandwidth is GB/s (10^9)."""
   name: str
   device_kind: str  # what jax reports for a device of this chip
   hbm_gib: float
   peak_bf16_tflops: float
+  hbm_gb_per_s: float
   topology_prefix: str  # libtpu's spelling in a topology name
   chip_config: str  # 'megacore': both TensorCores of a chip as one device
   dims: int  # 2D torus (v5e, v6e) or 3D (v4, v5p)
@@ -43,14 +45,14 @@ class Chip:
 
 
 CHIPS = {
-    # https://cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16, 32 GiB HBM2 per chip.
-    "v4": Chip("v4", "TPU v4", 32, 275, "v4", "megacore", 3, True),
-    # https://cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GB HBM2 per chip.
-    "v5e": Chip("v5e", "TPU v5 lite", 16, 197, "v5e", "default", 2, False),
-    # https://cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GB HBM2e per chip.
-    "v5p": Chip("v5p", "TPU v5", 95, 459, "v5", "megacore", 3, True),
-    # https://cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GB HBM per chip.
-    "v6e": Chip("v6e", "TPU v6 lite", 32, 918, "v6e", "default", 2, False),
+    # https://cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16, 32 GiB HBM2 at 1200 GB/s.
+    "v4": Chip("v4", "TPU v4", 32, 275, 1200, "v4", "megacore", 3, True),
+    # https://cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GB HBM2 at 819 GB/s.
+    "v5e": Chip("v5e", "TPU v5 lite", 16, 197, 819, "v5e", "default", 2, False),
+    # https://cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GB HBM2e at 2765 GB/s.
+    "v5p": Chip("v5p", "TPU v5", 95, 459, 2765, "v5", "megacore", 3, True),
+    # https://cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GB HBM at 1640 GB/s.
+    "v6e": Chip("v6e", "TPU v6 lite", 32, 918, 1640, "v6e", "default", 2, False),
 }
 # GCP's other spellings of the same chips.
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e", "v5": "v5p"}
@@ -91,6 +93,10 @@ class Topology:
   def peak_flops(self) -> float:
     """Peak bfloat16 FLOP/s of one chip (one device)."""
     return self.chip.peak_bf16_tflops * 1e12
+
+  @property
+  def hbm_bytes_per_s(self) -> float:
+    return self.chip.hbm_gb_per_s * 1e9
 
 
 def slice_shape(chip: Chip, num_chips: int) -> tuple[int, ...]:

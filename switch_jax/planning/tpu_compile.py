@@ -130,9 +130,10 @@ class TpuStep:
   hbm_bytes: int
   flops: float  # per device, the cost model's count (all ops)
   bytes_accessed: float
-  estimated_seconds: Optional[float]  # cost_analysis 'optimal_seconds': an ESTIMATE
+  optimal_seconds: Optional[float]  # cost_analysis 'optimal_seconds' (None: <= 0, none)
   model_flops: float  # per device: the analytic planner's matmul FLOPs (3x forward)
   peak_flops: float  # per device (chip), bfloat16
+  hbm_bytes_per_s: float
   all_to_alls: tuple  # Collective per all-to-all
   expert_weight_gathers: tuple  # all-gathers / reduce-scatters of expert weights
   expert_weight_all_reduces: int  # expert gradients summed over data replicas
@@ -175,6 +176,25 @@ class TpuStep:
     return counts
 
   @property
+  def roofline_seconds(self) -> float:
+    """The step's time if it ran at the chip's peak FLOP/s or its HBM
+    bandwidth, whichever binds, on the compiler's counts of FLOPs and bytes
+    accessed. Communication is not in it (ICI time overlaps or adds), and
+    XLA counts a while loop's body once, so a looped kernel reads low."""
+    return max(self.flops / self.peak_flops, self.bytes_accessed / self.hbm_bytes_per_s)
+
+  @property
+  def estimated_seconds(self) -> float:
+    """The ESTIMATED step time: the compiler's cost model where it gives
+    one (positive `optimal_seconds`; for full-size steps libtpu 0.0.42
+    returns a negative number), else `roofline_seconds`."""
+    return self.optimal_seconds or self.roofline_seconds
+
+  @property
+  def estimate_source(self) -> str:
+    return "optimal_seconds" if self.optimal_seconds else "roofline"
+
+  @property
   def mfu(self) -> Optional[float]:
     """Model FLOPs utilization at the ESTIMATED step time."""
     if not self.estimated_seconds:
@@ -186,11 +206,13 @@ class TpuStep:
     out["memory"] = self.memory.to_dict()
     out["all_to_alls"] = [dataclasses.asdict(c) for c in self.all_to_alls]
     out["expert_weight_gathers"] = [dataclasses.asdict(c) for c in self.expert_weight_gathers]
-    out.update(step_bytes=self.step_bytes, temporaries_bytes=self.temporaries_bytes,
+    out.update(roofline_seconds=self.roofline_seconds, estimated_seconds=self.estimated_seconds,
+               estimate_source=self.estimate_source, step_bytes=self.step_bytes, temporaries_bytes=self.temporaries_bytes,
                used_bytes=self.used_bytes, fits=self.fits, all_to_all_bytes=self.all_to_all_bytes,
                all_to_all_dtypes=self.all_to_all_dtypes, mfu=self.mfu,
-               estimate_note="estimated_seconds and mfu come from the TPU compiler's cost "
-                             "model (optimal_seconds), not from a run")
+               estimate_note="estimated_seconds and mfu are estimates (the TPU compiler's "
+                             "optimal_seconds, or a roofline on its FLOP and byte counts), "
+                             "not from a run")
     return out
 
 
@@ -203,7 +225,7 @@ def _cost(compiled) -> dict:
 
 def _estimate(cost: dict) -> Optional[float]:
   """The cost model's step time, None where it has none: over several
-  slices (the data-center network) it returns a negative number."""
+  slices, and for full-size steps, libtpu 0.0.42 returns a negative number."""
   seconds = cost.get("optimal_seconds")
   return float(seconds) if seconds is not None and seconds > 0 else None
 
@@ -241,8 +263,9 @@ def compile_for_topology(config: ModelConfig, topology: tpu.Topology,
       dispatch=config.dispatch, compile_seconds=step.seconds, memory=memory,
       hbm_bytes=topology.hbm_bytes, flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-      estimated_seconds=_estimate(cost),
+      optimal_seconds=_estimate(cost),
       model_flops=plan.train_flops_per_step / plan.num_devices, peak_flops=topology.peak_flops,
+      hbm_bytes_per_s=topology.hbm_bytes_per_s,
       all_to_alls=tuple(c for c in collectives if c.op == "all-to-all"),
       expert_weight_gathers=tuple(c for c in collectives
                                   if c.op in ("all-gather", "reduce-scatter") and expert(c)),

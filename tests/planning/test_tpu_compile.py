@@ -24,11 +24,12 @@ KW = dict(batch_size=32, input_length=64, target_length=32)
 SWITCH_LAYERS = ("encoder/layers_1", "decoder/layers_1")
 # The stated band for analytic total / the TPU compiler's peak of live
 # buffers (program excluded; the plan does not model it). The analytic
-# activation copy counts are calibrated on XLA:CPU, which keeps more
-# copies than the TPU compiler fuses away, so the plan is an upper bound:
-# measured 1.11 here, 1.19 and 1.43 on wider/longer variants, and the
-# issue's Switch-Base-8 on v5e-16 (analytic activations 33% above).
-BAND = (1.0, 1.6)
+# activation copy counts are calibrated on XLA:CPU, which keeps copies the
+# TPU compiler fuses away, so on TPU the plan is an upper bound, and a
+# looser one as activations grow: measured 1.11 here, 1.19 (d_model 256,
+# 128 + 64 tokens), 1.43 (64 sequences on 1 x 8) and 1.79 for
+# Switch-Base-8 on v5e-16 at 256 x (512 + 114) (docs/tpu.md).
+BAND = (1.0, 2.0)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,11 @@ def test_cost_model_flops_and_estimated_step_time(step):
   # The cost model counts every op; the plan, the matmuls only.
   assert 1.0 <= step.flops / step.model_flops <= 1.6, (step.flops, step.model_flops)
   assert step.model_flops == plan.train_flops_per_step / 8
-  assert step.estimated_seconds > 0
+  # This small step has the cost model's own estimate (full-size ones get
+  # a negative optimal_seconds from libtpu 0.0.42, and the roofline).
+  assert step.estimate_source == "optimal_seconds"
+  assert step.estimated_seconds == step.optimal_seconds > 0
+  assert step.roofline_seconds == max(step.flops / 197e12, step.bytes_accessed / 819e9) > 0
   assert 0 < step.mfu < 1
   assert step.peak_flops == 197e12 and step.hbm_bytes == 16 * 2 ** 30
 
@@ -122,7 +127,7 @@ def test_plan_cli_prints_the_tpu_figures(step, monkeypatch, capsys):
   assert "TPU v5e-8: 8 x TPU v5 lite" in text
   assert "all-to-all: 8 ops (8 bf16)" in text
   assert "no all-gather or reduce-scatter of expert weights" in text
-  assert re.search(r"ESTIMATED step time [\d.]+ ms: the TPU compiler's cost model", text)
+  assert re.search(r"ESTIMATED step time [\d.]+ ms, from the TPU compiler's cost model", text)
   assert "16.00 GiB HBM: fits" in text
   assert cli.main(args + ["--json"]) == 0
   out = json.loads(capsys.readouterr().out)

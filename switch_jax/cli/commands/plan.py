@@ -240,13 +240,13 @@ def _tpu_table(step, plan) -> str:
     lines.append("expert weights: no all-gather or reduce-scatter of expert weights "
                  f"({step.expert_weight_all_reduces} all-reduce(s) of expert gradients over "
                  "the data axis)")
-  if step.estimated_seconds:
-    lines.append(f"ESTIMATED step time {step.estimated_seconds * 1e3:.4g} ms: the TPU "
-                 f"compiler's cost model (optimal_seconds), not a measurement; MFU at it "
-                 f"{step.mfu:.1%} of {step.peak_flops / 1e12:g} bf16 TFLOP/s per chip")
-  else:
-    lines.append("no step-time estimate: the cost model gives none for this program "
-                 "(it has none over several slices)")
+  how = ("the TPU compiler's cost model (optimal_seconds)" if step.estimate_source
+         == "optimal_seconds" else "a roofline: the compiler's FLOPs at the chip's peak or its "
+         "bytes accessed at HBM bandwidth, whichever is slower, no communication; the cost "
+         "model gave no time")
+  lines.append(f"ESTIMATED step time {step.estimated_seconds * 1e3:.4g} ms, from {how}; not a "
+               f"measurement. MFU at it {step.mfu:.1%} of {step.peak_flops / 1e12:g} bf16 "
+               f"TFLOP/s per chip")
   return "\n".join(lines)
 
 

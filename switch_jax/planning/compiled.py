@@ -1,6 +1,7 @@
 """The real sharded train step, compiled on local (e.g. emulated CPU)
-devices from abstract inputs: XLA's memory analysis and the all-to-alls of
-the optimized HLO and of the StableHLO handed to XLA. The step is the
+devices, or a TPU topology's abstract devices (tpu_compile.py), from
+abstract inputs: XLA's memory analysis and the all-to-alls of the
+optimized HLO and of the StableHLO handed to XLA. The step is the
 trainer's, with the trainer's optimizer (`optimizers.make_optimizer`), so
 its state is what a run allocates. tests/planning/test_plan.py holds the
 analytic plan (`analytic.plan`) to these figures.

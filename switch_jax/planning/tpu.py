@@ -104,8 +104,9 @@ def slice_shape(chip: Chip, num_chips: int) -> tuple[int, ...]:
   doubling the shortest side (the last of equals), as GCP lays out
   power-of-two slices (v5e-16 is 4x4, v4-64 is 2x4x4, v5p-128 4x4x4)."""
   if num_chips < 1 or num_chips & (num_chips - 1):
+    example = "x".join(["4"] * (chip.dims - 1) + ["12"])
     raise UserError(f"{chip.name} with {num_chips} chips: name a power of two, or give the "
-                    f"libtpu topology itself, e.g. '{chip.topology_prefix}:4x4x12'")
+                    f"libtpu topology itself, e.g. '{chip.topology_prefix}:{example}'")
   if num_chips < 4:
     shape = [1] * chip.dims
     shape[chip.dims - 1 if num_chips == 2 else 0] = num_chips

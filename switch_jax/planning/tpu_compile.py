@@ -72,18 +72,20 @@ def hlo_collectives(hlo: str) -> list[Collective]:
 
 def is_expert_weight_shape(shape: Sequence[int], config: ModelConfig,
                            model_shards: int = 1) -> bool:
-  """An expert weight of one Switch layer, all experts or some: with size-1
-  dims dropped, [k, d_model, f] or [k, f, d_model] where k > 1 divides
-  num_experts and f is one device's share of d_ff (d_ff / model shards).
-  Attention weights are [d_model, heads, head_dim] or [heads, head_dim,
-  d_model] and dense FFNs rank 2, so they match only in a config whose
-  heads divide num_experts and whose head_dim (or d_model) is the FFN width."""
-  dims = tuple(s for s in shape if s != 1)
-  if len(dims) != 3 or not config.num_experts:
+  """An expert weight of one Switch layer, all experts or some: [k,
+  d_model, f] or [k, f, d_model] where k divides num_experts (k = 1 too:
+  one expert per device, as the HLO keeps it) and f is one device's share
+  of d_ff (d_ff / model shards); other size-1 dims are ignored when k > 1.
+  Dense FFN weights are rank 2; attention weights are [d_model, heads,
+  head_dim] or [heads, head_dim, d_model], so they match only in a config
+  whose heads divide num_experts and whose head_dim is the FFN width."""
+  if not config.num_experts:
     return False
-  k, a, b = dims
   d, f = config.d_model, -(-config.d_ff // model_shards)
-  return k > 1 and config.num_experts % k == 0 and (a, b) in ((d, f), (f, d))
+  squeezed = tuple(s for s in shape if s != 1)
+  candidates = [tuple(shape)] + ([squeezed] if squeezed[:1] > (1,) else [])
+  return any(len(dims) == 3 and config.num_experts % dims[0] == 0
+             and dims[1:] in ((d, f), (f, d)) for dims in candidates)
 
 
 def tpu_dispatch(config: ModelConfig, mesh_shape: Sequence[int]) -> ModelConfig:

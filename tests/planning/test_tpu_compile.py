@@ -77,8 +77,10 @@ def test_expert_weight_shapes_are_told_from_attention_weights():
   assert tpu_compile.is_expert_weight_shape((2, 32, 64), config)
   assert tpu_compile.is_expert_weight_shape((8, 64, 1, 32), config)
   assert tpu_compile.is_expert_weight_shape((2, 32, 32), config, model_shards=2)
+  assert tpu_compile.is_expert_weight_shape((1, 64, 32), config)  # one expert per device
   assert not tpu_compile.is_expert_weight_shape((2, 16, 32), config)  # attention out
   assert not tpu_compile.is_expert_weight_shape((32, 64), config)  # dense FFN
+  assert not tpu_compile.is_expert_weight_shape((1, 32, 1, 64), config)
   assert not tpu_compile.is_expert_weight_shape((3, 32, 64), config)  # 3 does not divide 8
 
 

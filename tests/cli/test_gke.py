@@ -4,7 +4,7 @@ the schemas), the slice shapes, and the command each pod runs."""
 
 import os
 import shlex
-import sys
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -152,3 +152,13 @@ def test_without_dry_run_kubectl_applies_the_same_yaml(tmp_path, monkeypatch, ca
   monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
   assert cli.main(ARGV) != 0
   assert "kubectl is not on PATH" in capsys.readouterr().err
+
+
+def test_docs_pod_md_shows_what_the_command_prints(capsys):
+  docs = (Path(__file__).resolve().parents[2] / "docs" / "pod.md").read_text()
+  block = docs.split("<!-- gke output -->\n```yaml\n", 1)[1].split("```", 1)[0]
+  command = docs[:docs.index("<!-- gke output -->")].rsplit("```bash\n", 1)[1].split("```")[0]
+  argv = shlex.split(command.replace("\\\n", " "))
+  assert argv[:3] == ["switch-jax", "launch", "gke"]
+  assert cli.main(argv[1:]) == 0
+  assert capsys.readouterr().out == block

@@ -20,6 +20,7 @@ folder instead), and downloading jax[tpu] and the other dependencies (the
 fake VM image has them; docs/pod.md says how).
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -256,6 +257,9 @@ def _preempted_steps(log: Path):
 
 def test_a_preempted_pod_run_resumes_to_the_parameters_of_an_uninterrupted_one(
     tmp_path, corpus, wheel, leftovers):
+  # Three launches of two trainers each: ~4.7 minutes on 2 cores at a load
+  # average of 10 (other jobs), ~3.5 minutes of CPU time.
+  assert importlib.util.find_spec("uv"), "the simulated workers install with `python3 -m uv`"
   bucket = tmp_path / "bucket"
   started = time.monotonic()
 

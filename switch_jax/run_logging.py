@@ -153,21 +153,30 @@ class MetricsLogger:
     if self.remote and time.monotonic() - self._last_sync >= self.sync_seconds:
       self.sync()
 
-  def sync(self) -> None:
+  def sync(self) -> bool:
     """Uploads what is new since the last sync to the bucket (a no-op for a
-    local MODEL_DIR, which is written in place)."""
+    local MODEL_DIR, which is written in place). An upload that fails is
+    reported and kept here for the next sync, so training goes on; returns
+    whether everything went up."""
     self._last_sync = time.monotonic()
     if not self.enabled or not self.remote:
-      return
-    if os.path.isfile(self.path) and os.path.getsize(self.path):
-      part = self.model_dir / f"{self._stem}-{self._next_part:05d}.jsonl"
-      data = self.path.read_bytes()
-      part.write_bytes(data)
-      self.uploaded_bytes += len(data)
-      self.path.unlink()
-      self._next_part += 1
-    if self._events is not None:
-      self.uploaded_bytes += self._events.upload(self.model_dir)
+      return True
+    try:
+      if os.path.isfile(self.path) and os.path.getsize(self.path):
+        part = self.model_dir / f"{self._stem}-{self._next_part:05d}.jsonl"
+        data = self.path.read_bytes()
+        part.write_bytes(data)
+        self.uploaded_bytes += len(data)
+        self.path.unlink()
+        self._next_part += 1
+      if self._events is not None:
+        self.uploaded_bytes += self._events.upload(self.model_dir)
+    except Exception as e:  # the network, credentials, quota: retried at the next sync
+      print(f"WARNING: metrics not uploaded to {self.model_dir} yet ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); kept in {self._stage}",
+            file=self.stream, flush=True)
+      return False
+    return True
 
   def progress(self, record: Mapping) -> None:
     """One console line: step, loss, throughput and the time left."""
@@ -189,8 +198,7 @@ class MetricsLogger:
   def close(self) -> None:
     if self._events is not None:
       self._events.close()
-    self.sync()
-    if self._stage is not None:
+    if self.sync() and self._stage is not None:  # a failed upload's files stay for the user
       shutil.rmtree(self._stage, ignore_errors=True)
       self._stage = None
 
@@ -204,6 +212,7 @@ class _Events:
     self.model_dir = model_dir
     self._writers: dict = {}
     self._opened = 0  # event files started: a unique suffix for each
+    self._config_written = False
     self._layers: Optional[list] = None
 
   def _writer(self, split: str):
@@ -212,8 +221,9 @@ class _Events:
       self._writers[split] = SummaryWriter(str(self.root / split), flush_secs=3600,
                                            filename_suffix=f".{os.getpid()}.{self._opened}")
       self._opened += 1
-      if split == "train" and self._opened == 1:
+      if split == "train" and not self._config_written:
         self._write_config(self._writers[split])
+        self._config_written = True
     return self._writers[split]
 
   def _write_config(self, writer) -> None:
@@ -243,7 +253,8 @@ class _Events:
       self._layers = list(layers)
       for layer, shares in zip(layers, load):
         shares = np.asarray(shares, np.float64)
-        writer.add_histogram(f"{EXPERT_LOAD}/{layer}", shares, step)
+        # 16 bins, not tensorboardX's ~1.5 KB default: a Switch-Base-128 log is ~13 KB.
+        writer.add_histogram(f"{EXPERT_LOAD}/{layer}", shares, step, bins=16)
         writer.add_scalar(f"{EXPERT_LOAD}_max/{layer}", float(shares.max() * shares.size), step)
         writer.add_scalar(f"{EXPERT_LOAD}_min/{layer}", float(shares.min() * shares.size), step)
     writer.flush()

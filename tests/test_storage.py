@@ -82,7 +82,7 @@ def test_a_crash_loses_only_what_was_not_synced(emulator, tmp_path):  # noqa: F8
   assert [r["step"] for r in run_logging.read_records(run)] == list(range(1, 9))
 
 
-def _events(run_dir) -> dict[str, dict]:
+def events(run_dir) -> dict[str, dict]:
   """{run: {tag: [(step, kind)]}} of the event files under run_dir/tensorboard."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   runs = {}
@@ -95,6 +95,16 @@ def _events(run_dir) -> dict[str, dict]:
                   if value.HasField("simple_value") else value.metadata.plugin_data.plugin_name)
           tags.setdefault(value.tag, []).append((event.step, kind))
   return runs
+
+
+def download(run, local):
+  """`run`'s tensorboard/ folder copied to `local` (tf's reader cannot reach
+  the emulator); returns `local`."""
+  for file in storage.files(storage.path(run) / "tensorboard"):
+    target = local / str(file.relative_to(storage.path(run)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(file.read_bytes())
+  return local
 
 
 @pytest.mark.parametrize("where", ["local", "bucket"])
@@ -111,12 +121,7 @@ def test_tensorboard_one_run_per_split_layer_names_in_tags(emulator, tmp_path, w
   logger.write({"step": 3, "loss": 2.5, "cross_entropy": 2.4,
                 run_logging.EXPERT_LOAD: _record(3, rng)[run_logging.EXPERT_LOAD]}, "eval")
   logger.close()
-  local = tmp_path / "downloaded"
-  for file in storage.files(storage.path(run) / "tensorboard"):
-    target = local / str(file.relative_to(storage.path(run)))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(file.read_bytes())
-  runs = _events(local)
+  runs = events(download(run, tmp_path / "downloaded"))
   assert sorted(runs) == ["eval", "train"]  # 2 splits: 2 runs (not 1 + 24 x 128)
   train, evals = runs["train"], runs["eval"]
   assert [s for s, _ in train["loss"]] == [1, 2, 3]
@@ -156,3 +161,15 @@ def test_storage_on_a_bucket(emulator):  # noqa: F811
   assert not storage.is_there("gs://bucket/store/failed", "dir", "any")
   with storage.local_copy("gs://bucket/store/model") as local:
     assert (local / "params" / "x").read_text() == "1" and not storage.is_bucket(local)
+
+
+def test_a_failed_upload_is_reported_and_kept_for_the_next_sync(emulator, tmp_path):  # noqa: F811
+  console = tmp_path / "console"
+  logger = run_logging.MetricsLogger("gs://no-such-bucket/run", 10, tensorboard=False,
+                                     stream=open(console, "w"))
+  logger.write(_record(1, np.random.default_rng(3)))
+  assert not logger.sync()
+  logger.stream.flush()
+  assert "WARNING: metrics not uploaded to gs://no-such-bucket/run" in console.read_text()
+  assert json.loads(open(logger.path, encoding="utf-8").readline())["step"] == 1
+  assert logger.uploaded_bytes == 0

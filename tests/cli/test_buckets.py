@@ -20,6 +20,7 @@ import pytest
 from etils import epath
 
 import gcs_emulator
+import test_storage
 from gcs_emulator import emulator  # noqa: F401  pylint: disable=unused-import  # the fixture
 from switch_jax import run_logging, storage
 from switch_jax.cli import main as cli
@@ -57,7 +58,7 @@ def trained(emulator, corpus):  # noqa: F811
   return root, vocab
 
 
-def test_train_writes_checkpoints_metrics_and_tensorboard_to_the_bucket(trained):
+def test_train_writes_checkpoints_metrics_and_tensorboard_to_the_bucket(trained, tmp_path):
   files = [str(p) for p in storage.files(RUN)]
   assert f"{RUN}/config.gin" in files and f"{RUN}/train_summary.json" in files
   for step in (2, 4):  # CheckpointConfig.period 2, and the last step
@@ -68,8 +69,14 @@ def test_train_writes_checkpoints_metrics_and_tensorboard_to_the_bucket(trained)
   records = run_logging.read_records(RUN, None)
   assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
   assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4]
-  runs = {f.split("/")[-2] for f in files if "/tensorboard/" in f}
-  assert runs == {"train", "eval"}  # one run per split, none per expert
+  runs = test_storage.events(test_storage.download(RUN, tmp_path))
+  assert sorted(runs) == ["eval", "train"]  # one run per split, none per expert
+  assert [step for step, _ in runs["train"]["loss"]] == [1, 2, 3, 4]
+  assert [step for step, _ in runs["eval"]["loss"]] == [2, 4]
+  # tiny_switch: Switch layers encoder/layers_1 and decoder/layers_1
+  for layer in ("encoder/layers_1", "decoder/layers_1"):
+    assert runs["train"][f"expert_load/{layer}"][-1] == (4, "histogram")
+  assert runs["train"]["config.gin/text_summary"] == [(0, "text")]
 
 
 def test_eval_infer_score_convert_and_plot_on_bucket_paths(trained, capsys):

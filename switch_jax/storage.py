@@ -35,7 +35,10 @@ BUCKET_PREFIX = "gs://"
 def _use_gcsfs() -> None:
   """gs:// through fsspec/gcsfs, not tf.io.gfile (see the module docstring)."""
   os.environ.setdefault("EPATH_USE_TF", "false")
-  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  # epath caches its TensorFlow check; one made before this import would win.
+  cached = getattr(gpath, "_is_tf_installed", None)
+  if hasattr(cached, "cache_clear"):
+    cached.cache_clear()
 
 
 _use_gcsfs()

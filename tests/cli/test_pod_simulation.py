@@ -258,7 +258,7 @@ def _preempted_steps(log: Path):
 def test_a_preempted_pod_run_resumes_to_the_parameters_of_an_uninterrupted_one(
     tmp_path, corpus, wheel, leftovers):
   # Three launches of two trainers each: 2.5-4.7 minutes on 2 cores at a load
-  # average of 9-11 (other jobs), ~2.5 minutes of CPU time.
+  # average of 9-11 (other jobs), 2.8-3.5 minutes of CPU time.
   assert importlib.util.find_spec("uv"), "the simulated workers install with `python3 -m uv`"
   bucket = tmp_path / "bucket"
   started = time.monotonic()

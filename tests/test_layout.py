@@ -5,7 +5,7 @@ functions alike (a deferred import still closes a cycle, it only hides it
 until the function runs), and checks them against the layer order of
 issue #15, lowest first:
 
-  core (errors, config, run_logging, partitioning) -> model -> checkpoints
+  core (errors, config, storage, run_logging, partitioning) -> model -> checkpoints
   -> data -> tasks -> evaluation -> training -> planning -> cli
 
 A module may import its own layer and the ones before it. `tasks/` (installed
@@ -23,8 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("core", "model", "checkpoints", "data", "tasks", "evaluation", "training",
           "planning", "cli")
-CORE = ("switch_jax", "switch_jax.errors", "switch_jax.config", "switch_jax.run_logging",
-        "switch_jax.partitioning")
+CORE = ("switch_jax", "switch_jax.errors", "switch_jax.config", "switch_jax.storage",
+        "switch_jax.run_logging", "switch_jax.partitioning")
 
 
 def _modules() -> dict[str, Path]:

@@ -66,7 +66,8 @@ setup(
         # libraries), so there they are left out. Elsewhere add
         # --extra-index-url https://download.pytorch.org/whl/cpu to avoid CUDA.
         # uv: the TPU worker set-up's tool (tests/cli/test_worker_setup.py).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "uv>=0.5",
+        # kubernetes-validate: the GKE manifests' schemas, offline (tests/cli/test_gke.py).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "uv>=0.5", "kubernetes-validate>=1.37",
                  'torch==2.13.0; python_version == "3.11"',
                  'transformers>=5.0; python_version == "3.11"'],
         # JAX for TPUs: libtpu (0.0.42.1), which also compiles for a TPU

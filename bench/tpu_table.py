@@ -48,10 +48,12 @@ ROWS = {
                               dict(batch_size=2048, input_length=512, target_length=114)),
 }
 # The expert kernels that run with experts split over devices, on one
-# mid-size step: Switch-Base-8's widths with 2 + 2 layers (one Switch
-# layer per stack) and shorter sequences, on v5e-8 (a compile of a few
-# minutes each here).
-KERNEL_CASE = dict(model="switch_base_8", topology="v5e-8", mesh=(1, 8, 1),
+# mid-size step: Switch-Base-32's widths (4 experts per chip: a loop over
+# local experts differs from one batched matmul only with several) with
+# 2 + 2 layers (one Switch layer per stack) and 64 x (128, 32) tokens, on
+# v5e-8 (a few minutes a compile here). `--kernel_model switch_base_8`
+# was the first run: 1 expert per chip, where the kernels tie.
+KERNEL_CASE = dict(topology="v5e-8", mesh=(1, 8, 1),
                    overrides=dict(num_encoder_layers=2, num_decoder_layers=2),
                    batch=dict(batch_size=64, input_length=128, target_length=32))
 KERNELS = {"top1": ("gather", "looped"), "dropless": ("ragged", "bucketed")}
@@ -138,14 +140,16 @@ def markdown() -> str:
                    f"{d['analytic']['forward_flops_per_token']:.3g}")
   kernels = sorted(OUT.glob("kernel_*.json"))
   if kernels:
-    lines += ["", "| router | kernel | estimated step | TFLOP per chip: compiler / model | "
-              "HBM used | compile |", "|---|---|---|---|---|---|"]
+    lines += ["", "| model | router | kernel | estimated step | TFLOP per chip: compiler / "
+              "model | GB accessed per chip | HBM used | compile |",
+              "|---|---|---|---|---|---|---|---|"]
     for p in kernels:
       r = json.loads(p.read_text())
       t = r["tpu"]
       est, source, _ = _seconds(r)
-      lines.append(f"| {r['router']} | {r['kernel']} | {est * 1e3:.1f} ms ({source}) | "
-                   f"{t['flops'] / 1e12:.3g} / {t['model_flops'] / 1e12:.3g} | "
+      lines.append(f"| {r['model']} | {r['router']} | {r['kernel']} | {est * 1e3:.2f} ms "
+                   f"({source}) | {t['flops'] / 1e12:.3g} / {t['model_flops'] / 1e12:.3g} | "
+                   f"{t['bytes_accessed'] / 1e9:.2f} | "
                    f"{_bytes(t)[1] / GIB:.2f} GiB | {t['compile_seconds']:.0f} s |")
   return "\n".join(lines)
 
@@ -154,6 +158,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rows", help="comma-separated row names (default: all)")
   parser.add_argument("--kernels", action="store_true", help="the expert-kernel comparison")
+  parser.add_argument("--kernel_model", default="switch_base_32",
+                      help="the model of the kernel comparison")
   parser.add_argument("--markdown", action="store_true", help="print the tables and stop")
   parser.add_argument("--force", action="store_true", help="recompile rows already recorded")
   args = parser.parse_args(argv)
@@ -164,11 +170,11 @@ def main(argv=None) -> int:
     c = KERNEL_CASE
     for router, kernels in KERNELS.items():
       for kernel in kernels:
-        name = f"kernel_{router}_{kernel}"
+        name = f"kernel_{args.kernel_model}_{router}_{kernel}"
         if (OUT / f"{name}.json").exists() and not args.force:
           continue
         print(f"compiling {name} ...", flush=True)
-        result = run_row(name, c["model"], c["topology"], c["mesh"], c["batch"],
+        result = run_row(name, args.kernel_model, c["topology"], c["mesh"], c["batch"],
                          router=router, dispatch=kernel, **c["overrides"])
         write(name, dict(result, router=router, kernel=kernel))
     return 0

@@ -294,6 +294,7 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
           stopping = preemption.agreed(step)
           if step % checkpoint.period == 0 or step == last_step or stopping:
             save(step, state)
+            logger.sync()  # on a bucket: the new metrics lines and event files go up now
           if step % evaluation.period == 0 or step % checkpoint.period == 0:  # not training time
             meter.reset()
           if stopping:

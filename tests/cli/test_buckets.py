@@ -65,7 +65,10 @@ def test_train_writes_checkpoints_metrics_and_tensorboard_to_the_bucket(trained,
     assert f"{RUN}/checkpoints/{step}/params/_METADATA" in files
   assert not any(f.endswith("/metrics.jsonl") for f in files)  # parts only on a bucket
   parts = [f for f in files if f.startswith(f"{RUN}/metrics-")]
-  assert parts and parts[0] == f"{RUN}/metrics-00000.jsonl"
+  # One part per checkpoint (steps 2 and 4): what a run logged goes up when it saves.
+  assert parts == [f"{RUN}/metrics-00000.jsonl", f"{RUN}/metrics-00001.jsonl"]
+  first = [json.loads(line) for line in epath.Path(parts[0]).read_text().splitlines()]
+  assert [r["step"] for r in first if r["split"] == "train"] == [1, 2]
   records = run_logging.read_records(RUN, None)
   assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]
   assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4]

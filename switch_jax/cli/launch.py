@@ -321,7 +321,9 @@ def with_tpu_extra(source: str) -> str:
   name, extras, specifiers = re.fullmatch(
       r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[([A-Za-z0-9._,-]*)\])?(.*)", source).groups()
   extras = [e for e in (extras or "").split(",") if e]
-  return f"{name}[{','.join(extras + ['tpu'] * ('tpu' not in extras))}]{specifiers}"
+  if "tpu" not in extras:
+    extras.append("tpu")
+  return f"{name}[{','.join(extras)}]{specifiers}"
 
 
 def worker_python(venv: str = WORKER_VENV) -> str:

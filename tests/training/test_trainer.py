@@ -111,9 +111,11 @@ def test_missing_required_macro_fails_before_training(corpus, tmp_path):
 def test_finetune_converted_hf_checkpoint_on_mocked_superglue(corpus, tmp_path):
   import dataclasses  # pylint: disable=import-outside-toplevel
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  from transformers import (  # pylint: disable=import-outside-toplevel
-      SwitchTransformersConfig, SwitchTransformersForConditionalGeneration)
+  # The test extra has torch (a CPU wheel) only on Python 3.11.
+  torch = pytest.importorskip("torch", reason="torch is in the test extra on Python 3.11 only")
+  transformers = pytest.importorskip("transformers")
+  SwitchTransformersConfig = transformers.SwitchTransformersConfig
+  SwitchTransformersForConditionalGeneration = transformers.SwitchTransformersForConditionalGeneration
   from switch_jax.cli import main as cli  # pylint: disable=import-outside-toplevel
 
   _, vocab = corpus

@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="--model_dir and --tfds_data_dir may be absolute paths of a file "
                         "system every worker mounts at the same place (Filestore, NFS, gcsfuse)")
   tpu.add_argument("--python", default=launch.DEFAULT_PYTHON,
-                   help="the workers' Python (>= 3.11) interpreter or its path")
+                   help="the Python of the workers' venv ~/switch-jax-venv, as uv's --python "
+                        "takes it: a version (3.12), a range or an interpreter; uv uses one the "
+                        "worker has, else installs one (default %(default)s)")
   tpu.add_argument("--train_flag", action="append", default=[], metavar="--FLAG=VALUE")
   tpu.add_argument("--delete", action="store_true", help="delete the slice after training")
 

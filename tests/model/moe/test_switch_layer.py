@@ -403,7 +403,9 @@ def test_bucketed_kernel_equals_ragged_dot_on_skewed_loads(activation):
   (_, y_ragged), grads_ragged = results[1]
   np.testing.assert_allclose(y_bucketed, y_ragged, atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(y_bucketed[84:], 0.0)
+  # Gradients sum over tokens in each kernel's own order: jax 0.12 (Python
+  # 3.12) was seen 3.1e-5 apart on one element in 2,560, jax 0.10 within 1e-5.
   for a, b in zip(jax.tree.leaves(grads_bucketed), jax.tree.leaves(grads_ragged)):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
   assert float(jnp.abs(grads_bucketed[0]["wo"][1]).max()) > 1e-3
   np.testing.assert_array_equal(grads_bucketed[0]["wo"][0], 0.0)  # an empty expert

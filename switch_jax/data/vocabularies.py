@@ -8,29 +8,35 @@ means registering tasks never reads a file or the network.
 
 Either vocabulary convention works for a bound path: T5's `*.100extra`
 files already hold the 100 sentinel pieces (extra_ids=0), a plain model gets
-100 extra ids appended by seqio. Both give sentinel k at id
+100 extra ids appended when loaded. Both give sentinel k at id
 `vocab_size - 1 - k`. `train_sentencepiece` writes plain models with T5's
 special ids (pad 0, eos 1, unk 2, no bos).
+
+Model files, local or on a bucket (gs://...), are read and written through
+`switch_jax.storage` (seqio's own loader reads with tf.io.gfile, whose GCS
+client cannot be pointed at an emulator, so it would be the one path here
+no test reaches).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
+import threading
 import time
 from typing import Callable, Iterable, Sequence
 
 import gin
 import seqio
-import tensorflow as tf
 from sentencepiece import sentencepiece_model_pb2
 import sentencepiece as spm
 
+from switch_jax import storage
 from switch_jax.data import sources
 from switch_jax.errors import UserError
 
@@ -56,23 +62,71 @@ def mc4_vocabulary_path(path: str = MC4_VOCAB_PATH) -> str:
   return path
 
 
-@functools.lru_cache(maxsize=None)
-def extra_ids_for(path: str) -> int:
-  """0 if the model file already holds sentinel pieces, else `EXTRA_IDS`."""
+def _read_model(path: str) -> sentencepiece_model_pb2.ModelProto:
+  """The model file at `path` (local or gs://), parsed.
+
+  Raises:
+    UserError: it is missing, unreachable or not a SentencePiece model.
+  """
   try:
-    with tf.io.gfile.GFile(path, "rb") as f:
-      model = sentencepiece_model_pb2.ModelProto.FromString(f.read())
-  except (tf.errors.OpError, OSError) as e:  # missing file, no network, no credentials
+    data = storage.path(path).read_bytes()
+    return sentencepiece_model_pb2.ModelProto.FromString(data)
+  except Exception as e:  # missing, no network, no credentials, not a model  # pylint: disable=broad-except
     raise UserError(
         f"cannot read the SentencePiece vocabulary {path!r} ({e.__class__.__name__}). "
         "Offline, train one with `switch-jax vocab --input FILE --vocab_size N --out DIR` "
         "and bind its path (e.g. `c4_vocabulary_path.path = 'DIR/sentencepiece.model'`), "
-        "or use the embedded tasks (`embedded_span_corruption`).") from e
+        "or use the embedded tasks (`embedded_span_corruption`).") from None
+
+
+@functools.lru_cache(maxsize=None)
+def extra_ids_for(path: str) -> int:
+  """0 if the model file already holds sentinel pieces, else `EXTRA_IDS`."""
+  model = _read_model(path)
   has_sentinels = any(_EXTRA_ID_PIECE.match(p.piece) for p in model.pieces[-EXTRA_IDS:])
   return 0 if has_sentinels else EXTRA_IDS
 
 
-class LazyVocabulary(seqio.SentencePieceVocabulary):
+@dataclasses.dataclass(frozen=True)
+class _LoadedModel:
+  """What seqio's SentencePieceVocabulary asks its model context for."""
+  tokenizer: spm.SentencePieceProcessor
+  sp_model: bytes  # the serialized model, sentinel pieces included
+
+
+# SentencePieceProcessor.LoadFromSerializedProto is not thread-safe, and
+# tf.data calls into vocabularies from several threads.
+_load_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str, extra_ids: int) -> _LoadedModel:
+  """The model at `path` with `extra_ids` sentinel pieces appended, highest
+  first (`<extra_id_0>` is the last id), as T5's span corruption numbers them."""
+  model = _read_model(path)
+  for k in reversed(range(extra_ids)):
+    model.pieces.add(piece=f"\u2581<extra_id_{k}>", score=0.0,
+                     type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+  serialized = model.SerializeToString()
+  tokenizer = spm.SentencePieceProcessor()
+  tokenizer.LoadFromSerializedProto(serialized)
+  return _LoadedModel(tokenizer=tokenizer, sp_model=serialized)
+
+
+class SentencePieceVocabulary(seqio.SentencePieceVocabulary):
+  """seqio's SentencePiece vocabulary, its model file read through
+  `switch_jax.storage` (local or gs://)."""
+
+  def _model_context(self) -> _LoadedModel:
+    if self._model is None:
+      if self._normalizer_spec_overrides is not None or not self._reverse_extra_ids:
+        raise ValueError("normalizer overrides and forward extra ids are not supported here")
+      with _load_lock:
+        self._model = _load(self._sentencepiece_model_file, self._extra_ids)
+    return self._model
+
+
+class LazyVocabulary(SentencePieceVocabulary):
   """A SentencePiece vocabulary whose file comes from `path_fn()` at first use."""
 
   def __init__(self, path_fn: Callable[[], str], name: str):
@@ -113,9 +167,9 @@ class LazyVocabulary(seqio.SentencePieceVocabulary):
     return f"LazyVocabulary({self._name}, path={self._resolved_path or 'not yet resolved'})"
 
 
-def load_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
+def load_vocabulary(path: str) -> SentencePieceVocabulary:
   """A vocabulary from a model file of either convention (see module doc)."""
-  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids_for(path))
+  return SentencePieceVocabulary(path, extra_ids=extra_ids_for(path))
 
 
 def text_output_features(vocabulary: seqio.Vocabulary) -> dict:
@@ -140,7 +194,7 @@ def _training_lines(documents: Iterable[str]) -> Iterable[str]:
 def _fingerprint(files: Sequence[str], params: dict) -> str:
   digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
   for path in files:
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
       for block in iter(lambda: f.read(1 << 20), b""):
         digest.update(block)
   return digest.hexdigest()
@@ -150,7 +204,7 @@ def train_sentencepiece(input_files: Sequence[str], vocab_size: int, out_dir: st
                         text_key: str = "text", model_type: str = "unigram",
                         character_coverage: float = 0.9995,
                         max_sentences: int = 2_000_000, num_threads: int = 1
-                        ) -> seqio.SentencePieceVocabulary:
+                        ) -> SentencePieceVocabulary:
   """Trains `out_dir/sentencepiece.model` once; later calls reuse it.
 
   Input files hold one document per line, plain text or JSON lines
@@ -167,27 +221,25 @@ def train_sentencepiece(input_files: Sequence[str], vocab_size: int, out_dir: st
                 character_coverage=character_coverage, max_sentences=max_sentences,
                 format=1)
   key = _fingerprint(files, params)
-  model_path, info_path = os.path.join(out_dir, MODEL_FILE), os.path.join(out_dir, INFO_FILE)
-  if tf.io.gfile.exists(info_path):
-    with tf.io.gfile.GFile(info_path) as f:
-      info = json.load(f)
-    if info.get("key") == key and tf.io.gfile.exists(model_path):
-      return seqio.SentencePieceVocabulary(model_path, extra_ids=EXTRA_IDS)
+  out = storage.path(out_dir)
+  model_path, info_path = out / MODEL_FILE, out / INFO_FILE
+  if info_path.exists():
+    info = json.loads(info_path.read_text())
+    if info.get("key") == key and model_path.exists():
+      return SentencePieceVocabulary(str(model_path), extra_ids=EXTRA_IDS)
     raise UserError(f"{out_dir} already holds a vocabulary trained on other input or "
                     "settings; choose another --out directory or delete that one")
   if vocab_size < 8:
     raise UserError(f"vocab_size must be at least 8, got {vocab_size}")
 
   start = time.time()
-  tf.io.gfile.makedirs(out_dir)
-  work_dir = tempfile.mkdtemp(prefix=".spm-", dir=out_dir)
-  try:
+  with tempfile.TemporaryDirectory(prefix="switch_jax-spm-") as work_dir:
     text_path = os.path.join(work_dir, "input.txt")
     num_lines = 0
-    with open(text_path, "w", encoding="utf-8") as out:
+    with open(text_path, "w", encoding="utf-8") as text:
       for path in files:
         for line in _training_lines(sources.read_documents(path, text_key)):
-          out.write(line + "\n")
+          text.write(line + "\n")
           num_lines += 1
     if num_lines == 0:
       raise UserError(f"no text in {', '.join(files)}: every line is empty")
@@ -202,19 +254,20 @@ def train_sentencepiece(input_files: Sequence[str], vocab_size: int, out_dir: st
         minloglevel=2)
     with open(os.path.join(work_dir, "sentencepiece.model"), "rb") as f:
       model = sentencepiece_model_pb2.ModelProto.FromString(f.read())
-    # The trainer records its scratch paths; drop them so equal input gives
-    # byte-equal models.
-    del model.trainer_spec.input[:]
-    model.trainer_spec.model_prefix = "sentencepiece"
-    with open(model_path, "wb") as f:
-      f.write(model.SerializeToString())
-    shutil.move(os.path.join(work_dir, "sentencepiece.vocab"),
-                os.path.join(out_dir, "sentencepiece.vocab"))
-    base_size = len(model.pieces)
-    with open(info_path, "w") as f:
-      json.dump(dict(key=key, params=params, inputs=list(files), training_lines=num_lines,
-                     base_vocab_size=base_size, extra_ids=EXTRA_IDS,
-                     seconds=round(time.time() - start, 2)), f, indent=2)
-  finally:
-    shutil.rmtree(work_dir, ignore_errors=True)
-  return seqio.SentencePieceVocabulary(model_path, extra_ids=EXTRA_IDS)
+    with open(os.path.join(work_dir, "sentencepiece.vocab"), "rb") as f:
+      pieces_text = f.read()
+  # The trainer records its scratch paths; drop them so equal input gives
+  # byte-equal models.
+  del model.trainer_spec.input[:]
+  model.trainer_spec.model_prefix = "sentencepiece"
+  if not storage.is_bucket(out):  # a bucket's folders are only name prefixes
+    out.mkdir(parents=True, exist_ok=True)
+  model_path.write_bytes(model.SerializeToString())
+  (out / "sentencepiece.vocab").write_bytes(pieces_text)
+  # The info file is the cache's marker: written last, so a run cut short
+  # leaves no vocabulary that looks finished.
+  storage.write_atomically(info_path, json.dumps(
+      dict(key=key, params=params, inputs=list(files), training_lines=num_lines,
+           base_vocab_size=len(model.pieces), extra_ids=EXTRA_IDS,
+           seconds=round(time.time() - start, 2)), indent=2))
+  return SentencePieceVocabulary(str(model_path), extra_ids=EXTRA_IDS)

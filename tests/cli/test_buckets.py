@@ -35,9 +35,24 @@ def _ok(capsys, *args) -> str:
   return out
 
 
+def _upload(local, target: str) -> str:
+  epath.Path(target).write_bytes(epath.Path(local).read_bytes())
+  return target
+
+
 @pytest.fixture(scope="module")
-def trained(emulator, corpus):  # noqa: F811
+def bucket_corpus(emulator, corpus):  # noqa: F811
+  """The corpus and its vocabulary on the bucket: (gs:// folder, gs:// model)."""
   root, vocab = corpus
+  for name in ("train.txt", "validation.txt"):
+    _upload(root / name, f"gs://bucket/data/{name}")
+  return epath.Path("gs://bucket/data"), _upload(vocab, "gs://bucket/data/spm/sentencepiece.model")
+
+
+@pytest.fixture(scope="module")
+def trained(emulator, bucket_corpus):  # noqa: F811
+  """A tiny train whose corpus, vocabulary and MODEL_DIR are all on the bucket."""
+  root, vocab = bucket_corpus
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              **gcs_emulator.environment(emulator))
   proc = subprocess.run([

@@ -63,11 +63,11 @@ class CompiledMemory:
 
 
 # Element bytes, as HLO and StableHLO spell the types.
-_ITEMSIZE = {"pred": 1, "i1": 1, "s8": 1, "i8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4,
+ITEMSIZE = {"pred": 1, "i1": 1, "s8": 1, "i8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4,
              "i32": 4, "u32": 4, "ui32": 4, "f64": 8, "s64": 8, "i64": 8}
 
 
-def _group_size(line: str) -> int:
+def group_size(line: str) -> int:
   """Participants per replica group of an HLO collective."""
   listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
   if listed:
@@ -89,9 +89,9 @@ def hlo_all_to_all_bytes(hlo: str) -> tuple[int, int]:
     if " all-to-all(" not in line or "=" not in line:
       continue
     result = line.split(" all-to-all(")[0].split("=", 1)[1]
-    size = sum(_ITEMSIZE[t] * math.prod(int(x) for x in dims.split(",") if x)
+    size = sum(ITEMSIZE[t] * math.prod(int(x) for x in dims.split(",") if x)
                for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", result))
-    n = _group_size(line)
+    n = group_size(line)
     count += 1
     sent += size * (n - 1) // n
   return count, sent
@@ -101,7 +101,7 @@ def stablehlo_all_to_all_bytes(text: str, num_expert_shards: int) -> int:
   """Bytes sent per device by the all-to-alls of StableHLO text (per-device
   shapes inside shard_map), in the program's dtypes."""
   n = num_expert_shards
-  return sum(math.prod(int(x) for x in dims.split("x")) * _ITEMSIZE[dtype] * (n - 1) // n
+  return sum(math.prod(int(x) for x in dims.split("x")) * ITEMSIZE[dtype] * (n - 1) // n
              for dims, dtype in re.findall(r"all_to_all.*-> tensor<([\dx]+)x(\w+)>", text))
 
 

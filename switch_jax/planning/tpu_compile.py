@@ -44,7 +44,24 @@ class Collective:
 
   @property
   def bytes(self) -> int:
-    return sum(compiled_step._ITEMSIZE[t] * math.prod(s) for t, s in self.arrays)  # pylint: disable=protected-access
+    return sum(compiled_step.ITEMSIZE[t] * math.prod(s) for t, s in self.arrays)
+
+
+def _participants(line: str) -> int:
+  """Devices per group of a collective: listed or iota replica groups
+  (compiled.group_size), or the mesh spelling TPU HLO also uses,
+  `replica_groups=mesh['axis_0'=8,'axis_1'=1], ... {'axis_0'}` (the
+  product of the axes named in braces)."""
+  try:
+    return compiled_step.group_size(line)
+  except ValueError:
+    pass
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]", line)
+  named = re.search(r"\)\s*\{([^}]*)\}", line)
+  if not (mesh and named):
+    raise ValueError(f"cannot read the replica groups of: {line[:200]}")
+  sizes = dict((k, int(v)) for k, v in re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+  return math.prod(sizes[name] for name in re.findall(r"'(\w+)'", named.group(1)))
 
 
 def hlo_collectives(hlo: str) -> list[Collective]:
@@ -57,15 +74,11 @@ def hlo_collectives(hlo: str) -> list[Collective]:
       continue
     result = line.split(f" {op}(")[0].split("=", 1)[1]
     arrays = tuple((t, tuple(int(x) for x in dims.split(",") if x))
-                   for t, dims in _TYPE.findall(result) if t in compiled_step._ITEMSIZE)  # pylint: disable=protected-access
+                   for t, dims in _TYPE.findall(result) if t in compiled_step.ITEMSIZE)
     if op.endswith("-start") and len(arrays) > 1:
       arrays = arrays[len(arrays) // 2:]  # (operands, results): keep the results
     source = re.search(r'op_name="([^"]*)"', line)
-    try:
-      group = compiled_step._group_size(line)  # pylint: disable=protected-access
-    except ValueError:
-      group = 0  # a mesh-style group spelling; not needed for these counts
-    found.append(Collective(op.removesuffix("-start"), arrays, group,
+    found.append(Collective(op.removesuffix("-start"), arrays, _participants(line),
                             source.group(1) if source else ""))
   return found
 
@@ -209,8 +222,9 @@ class TpuStep:
     out["all_to_alls"] = [dataclasses.asdict(c) for c in self.all_to_alls]
     out["expert_weight_gathers"] = [dataclasses.asdict(c) for c in self.expert_weight_gathers]
     out.update(roofline_seconds=self.roofline_seconds, estimated_seconds=self.estimated_seconds,
-               estimate_source=self.estimate_source, step_bytes=self.step_bytes, temporaries_bytes=self.temporaries_bytes,
-               used_bytes=self.used_bytes, fits=self.fits, all_to_all_bytes=self.all_to_all_bytes,
+               estimate_source=self.estimate_source, step_bytes=self.step_bytes,
+               temporaries_bytes=self.temporaries_bytes, used_bytes=self.used_bytes,
+               fits=self.fits, all_to_all_bytes=self.all_to_all_bytes,
                all_to_all_dtypes=self.all_to_all_dtypes, mfu=self.mfu,
                estimate_note="estimated_seconds and mfu are estimates (the TPU compiler's "
                              "optimal_seconds, or a roofline on its FLOP and byte counts), "

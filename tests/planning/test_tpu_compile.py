@@ -27,8 +27,9 @@ SWITCH_LAYERS = ("encoder/layers_1", "decoder/layers_1")
 # activation copy counts are calibrated on XLA:CPU, which keeps copies the
 # TPU compiler fuses away, so on TPU the plan is an upper bound, and a
 # looser one as activations grow: measured 1.11 here, 1.19 (d_model 256,
-# 128 + 64 tokens), 1.43 (64 sequences on 1 x 8) and 1.79 for
-# Switch-Base-8 on v5e-16 at 256 x (512 + 114) (docs/tpu.md).
+# 128 + 64 tokens), 1.43 (64 sequences on 1 x 8), and 1.45 to 1.91 for
+# the full-size Switch and T5 rows of docs/tpu.md (1.79: Switch-Base-8 on
+# v5e-16 at 256 x (512 + 114)).
 BAND = (1.0, 2.0)
 
 

@@ -23,7 +23,6 @@ fake VM image has them; docs/pod.md says how).
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import package_wheel
+
 from switch_jax import run_logging
 from switch_jax.checkpoints import model_format
 from switch_jax.cli.commands import gin_flags
@@ -41,7 +42,6 @@ from switch_jax.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_GCLOUD = REPO / "tests" / "fake_tpu" / "gcloud"
-WHEEL_NAME = "switch_jax-0.1.0-py3-none-any.whl"
 ZONE, PROJECT = "us-central2-b", "my-project"
 SLICE_FLAGS = [f"--zone={ZONE}", f"--project={PROJECT}"]
 GIN_FILES = "models/tiny_switch.gin runs/pretrain.gin mesh/expert_parallel.gin"
@@ -134,18 +134,7 @@ def test_distributed_settings_come_from_flags_then_the_environment():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-  """A wheel of this checkout, built from a copy (a build in the checkout
-  would write build/ there)."""
-  source = tmp_path_factory.mktemp("source")
-  for name in ("setup.py", "README.md", "LICENSE"):
-    shutil.copy(REPO / name, source / name)
-  for name in ("switch_jax", "tasks", "gin"):
-    shutil.copytree(REPO / name, source / name,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-  dist = tmp_path_factory.mktemp("dist")
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                  "-q", "-w", str(dist), str(source)], check=True)
-  return dist / WHEEL_NAME
+  return package_wheel.build(tmp_path_factory)
 
 
 def _launch_env(tmp_path, corpus, wheel, name, model_dir, spot=False):

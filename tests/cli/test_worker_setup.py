@@ -23,15 +23,13 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+import package_wheel
+
 from switch_jax.cli import launch
 
-REPO = Path(__file__).resolve().parents[2]
-WHEEL_NAME = "switch_jax-0.1.0-py3-none-any.whl"
 VENV = launch.WORKER_VENV
 
 
@@ -46,19 +44,7 @@ def _pyenv_python(version: str) -> str:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-  """A wheel of this checkout, built from a copy (a build in the checkout
-  would write build/ there)."""
-  source = tmp_path_factory.mktemp("source")
-  for name in ("setup.py", "README.md", "LICENSE"):
-    shutil.copy(REPO / name, source / name)
-  for name in ("switch_jax", "tasks", "gin"):
-    shutil.copytree(REPO / name, source / name,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-  dist = tmp_path_factory.mktemp("dist")
-  # uv, not pip: a venv that uv made (CI's second Python) has no pip.
-  subprocess.run([sys.executable, "-m", "uv", "build", "--wheel", "--quiet", "--out-dir",
-                  str(dist), str(source)], check=True)
-  return dist / WHEEL_NAME
+  return package_wheel.build(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +62,7 @@ def _worker(tmp_path, pip_cache, wheel, *, newer_python=True):
   (bin_dir / "bash").symlink_to(shutil.which("bash"))
   if newer_python:
     (bin_dir / "python3.11").symlink_to(_pyenv_python("3.11"))
-  shutil.copy(wheel, home / WHEEL_NAME)
+  shutil.copy(wheel, home / package_wheel.WHEEL_NAME)
   (tmp_path / "uv.toml").write_text("[pip]\nno-deps = true\n")
   env = {"HOME": str(home), "PATH": str(bin_dir), "LANG": "C.UTF-8",
          "PIP_CACHE_DIR": str(pip_cache), "UV_CONFIG_FILE": str(tmp_path / "uv.toml"),
@@ -91,7 +77,7 @@ def _worker(tmp_path, pip_cache, wheel, *, newer_python=True):
 def _set_up(home, env):
   """Runs the launcher's set-up command as a worker's ssh session would."""
   ssh = launch.tpu_install_commands("my-tpu", "us-central2-b", "my-project",
-                                    f"dist/{WHEEL_NAME}")[-1]
+                                    f"dist/{package_wheel.WHEEL_NAME}")[-1]
   command = launch.Step("install", ssh).remote_command
   return subprocess.run(["bash", "-c", command], cwd=home, env=env, capture_output=True,
                         text=True, timeout=300, check=False)
@@ -102,7 +88,7 @@ def in_dist(tmp_path, wheel, monkeypatch):
   """The launcher checks that the wheel it uploads exists: run it beside one."""
   launcher = tmp_path / "launcher"
   (launcher / "dist").mkdir(parents=True)
-  shutil.copy(wheel, launcher / "dist" / WHEEL_NAME)
+  shutil.copy(wheel, launcher / "dist" / package_wheel.WHEEL_NAME)
   monkeypatch.chdir(launcher)
 
 

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -127,6 +128,43 @@ def test_distributed_settings_come_from_flags_then_the_environment():
     gin_flags.distributed_settings(_args(process_id=4), env)
   with pytest.raises(UserError, match="is not an integer"):
     gin_flags.distributed_settings(_args(), {gin_flags.NUM_PROCESSES_ENV: "two"})
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_waiting_for_the_coordinator_returns_once_it_listens_and_names_it_if_not():
+  with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    gin_flags.wait_for_coordinator(address, 5.0, 1)  # returns: something listens
+  port = _free_port()
+  start = time.monotonic()
+  with pytest.raises(UserError, match=rf"process 1 cannot reach the coordinator at "
+                                      rf"127\.0\.0\.1:{port} within 0\.5 s"):
+    gin_flags.wait_for_coordinator(f"127.0.0.1:{port}", 0.5, 1)
+  assert time.monotonic() - start < 5
+  with pytest.raises(UserError, match="expected HOST:PORT"):
+    gin_flags.wait_for_coordinator("localhost", 1.0, 1)
+
+
+def test_a_host_that_cannot_reach_the_coordinator_fails_in_one_line_not_a_hang():
+  # Before, jax.distributed.initialize waited its 300 s, then aborted the
+  # process from C++ (SIGABRT) with neither the address nor the timeout.
+  port = _free_port()
+  proc = subprocess.run(
+      [sys.executable, "-m", "switch_jax.cli.main", "train", "--distributed",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1",
+       "--coordinator_timeout=1", "--gin_file=models/tiny_switch.gin"],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+      timeout=120)
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+  assert f"cannot reach the coordinator at 127.0.0.1:{port} within 1 s" in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 # ------------------------------------------------------------ the pod run

@@ -4,8 +4,11 @@ and the device and mesh flags they share with `plan`: one spelling each."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
+import socket
+import time
 from typing import Sequence
 
 from switch_jax.errors import UserError
@@ -60,6 +63,10 @@ NUM_PROCESSES_ENV = "SWITCH_JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "SWITCH_JAX_PROCESS_ID"
 
 
+# jax.distributed.initialize's own default.
+DEFAULT_COORDINATOR_TIMEOUT = 300.0
+
+
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
   """--distributed, and where its processes meet when JAX cannot tell."""
   parser.add_argument("--distributed", action="store_true",
@@ -73,6 +80,10 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
                            f"${NUM_PROCESSES_ENV})")
   parser.add_argument("--process_id", type=int, default=None, metavar="I",
                       help=f"with --distributed: this process, 0..N-1 (default ${PROCESS_ID_ENV})")
+  parser.add_argument("--coordinator_timeout", type=float, default=DEFAULT_COORDINATOR_TIMEOUT,
+                      metavar="SECONDS",
+                      help="with --distributed: how long to wait for the coordinator and the "
+                           "other processes before failing (default %(default)s)")
 
 
 def distributed_settings(args, environ=os.environ) -> dict:
@@ -108,6 +119,32 @@ def distributed_settings(args, environ=os.environ) -> dict:
     raise UserError(f"process id {index} is not in 0..{count - 1} (the number of processes "
                     f"is {count})")
   return settings
+
+
+def wait_for_coordinator(address: str, timeout: float, process_id: int) -> None:
+  """Returns once something listens at `address` (HOST:PORT), else a UserError
+  naming the address and the timeout.
+
+  jax.distributed.initialize would wait as long and then abort the whole
+  process from C++ (SIGABRT, a stack trace, no address), so a process that
+  is not the coordinator first checks that it can reach it at all.
+  """
+  host, sep, port = address.rpartition(":")
+  if not sep or not port.isdigit():
+    raise UserError(f"--coordinator_address {address!r}: expected HOST:PORT")
+  host = host.strip("[]")  # an IPv6 literal, [::1]:1234
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=max(0.1, min(5.0, timeout))):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise UserError(
+            f"process {process_id} cannot reach the coordinator at {address} within "
+            f"{timeout:g} s ({e.strerror or e}): start process 0 there, check the address and "
+            f"that the port is open, or wait longer with --coordinator_timeout") from None
+    time.sleep(0.25)
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, default=None) -> None:
@@ -154,7 +191,12 @@ def setup(args) -> None:
     jax.config.update("jax_num_cpu_devices", args.num_cpu_devices)
   settings = distributed_settings(args)
   if args.distributed:
-    jax.distributed.initialize(**settings)
+    timeout = getattr(args, "coordinator_timeout", DEFAULT_COORDINATOR_TIMEOUT)
+    if timeout <= 0:
+      raise UserError(f"--coordinator_timeout must be positive, got {timeout:g}")
+    if settings.get("coordinator_address") and settings.get("process_id", 0) != 0:
+      wait_for_coordinator(settings["coordinator_address"], timeout, settings["process_id"])
+    jax.distributed.initialize(**settings, initialization_timeout=int(math.ceil(timeout)))
   from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
   bindings = list(getattr(args, "gin_bindings", []))
   if args.tfds_data_dir:

@@ -67,15 +67,68 @@ ITEMSIZE = {"pred": 1, "i1": 1, "s8": 1, "i8": 1, "bf16": 2, "f16": 2, "f32": 4,
              "i32": 4, "u32": 4, "ui32": 4, "f64": 8, "s64": 8, "i64": 8}
 
 
+_TYPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")  # bf16[4,2,320]
+_COLLECTIVES = ("all-to-all", "all-gather", "all-gather-start", "reduce-scatter",
+                "all-reduce", "all-reduce-start")
+
+
 def group_size(line: str) -> int:
-  """Participants per replica group of an HLO collective."""
+  """Participants per replica group of an HLO collective: listed groups
+  (`{{0,1},{2,3}}`), iota groups (`[groups, size]<=[devices]`), or the mesh
+  spelling, `replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}` (XLA:CPU)
+  or `replica_groups=mesh[...], device_ids=(...) {'axis_0'}` (TPU): the
+  product of the axes named in braces."""
   listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
   if listed:
     return len(listed.group(1).split(","))
   iota = re.search(r"replica_groups=\[([\d,]+)\]<=", line)  # [groups, size]<=[devices]
   if iota:
     return int(iota.group(1).split(",")[-1])
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]", line)
+  named = (re.search(r"replica_groups=mesh\[[^\]]*\]\s*\{([^}]*)\}", line)
+           or re.search(r"\)\s*\{([^}]*)\}", line))
+  if mesh and named:
+    sizes = dict((k, int(v)) for k, v in re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
+    return math.prod(sizes[name] for name in re.findall(r"'(\w+)'", named.group(1)))
   raise ValueError(f"cannot read the replica groups of: {line[:200]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective of the HLO: its op, result arrays (dtype, shape) and
+  participants per group."""
+  op: str
+  arrays: tuple  # ((dtype, shape), ...)
+  group_size: int
+  source: str  # the JAX op it came from (HLO metadata), for a reader
+
+  @property
+  def bytes(self) -> int:
+    return sum(ITEMSIZE[t] * math.prod(s) for t, s in self.arrays)
+
+  @property
+  def sent_bytes(self) -> int:
+    """What one device sends of an all-to-all: (n - 1)/n of its buffer."""
+    return self.bytes * (self.group_size - 1) // max(self.group_size, 1)
+
+
+def hlo_collectives(hlo: str) -> list[Collective]:
+  """Every collective instruction of optimized HLO text ('-start' halves
+  of async pairs stand for the pair; '-done' is skipped)."""
+  found = []
+  for line in hlo.splitlines():
+    op = next((name for name in _COLLECTIVES if f" {name}(" in line), None)
+    if op is None or "=" not in line:
+      continue
+    result = line.split(f" {op}(")[0].split("=", 1)[1]
+    arrays = tuple((t, tuple(int(x) for x in dims.split(",") if x))
+                   for t, dims in _TYPE.findall(result) if t in ITEMSIZE)
+    if op.endswith("-start") and len(arrays) > 1:
+      arrays = arrays[len(arrays) // 2:]  # (operands, results): keep the results
+    source = re.search(r'op_name="([^"]*)"', line)
+    found.append(Collective(op.removesuffix("-start"), arrays, group_size(line),
+                            source.group(1) if source else ""))
+  return found
 
 
 def hlo_all_to_all_bytes(hlo: str) -> tuple[int, int]:
@@ -84,17 +137,8 @@ def hlo_all_to_all_bytes(hlo: str) -> tuple[int, int]:
   XLA:CPU splits an all-to-all into a tuple of one piece per peer: the
   pieces add up to the whole buffer, of which (n - 1)/n leaves the device.
   """
-  count = sent = 0
-  for line in hlo.splitlines():
-    if " all-to-all(" not in line or "=" not in line:
-      continue
-    result = line.split(" all-to-all(")[0].split("=", 1)[1]
-    size = sum(ITEMSIZE[t] * math.prod(int(x) for x in dims.split(",") if x)
-               for t, dims in re.findall(r"(\w+)\[([\d,]*)\]", result))
-    n = group_size(line)
-    count += 1
-    sent += size * (n - 1) // n
-  return count, sent
+  all_to_alls = [c for c in hlo_collectives(hlo) if c.op == "all-to-all"]
+  return len(all_to_alls), sum(c.sent_bytes for c in all_to_alls)
 
 
 def stablehlo_all_to_all_bytes(text: str, num_expert_shards: int) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Optional, Sequence
 
 import jax
@@ -28,59 +27,9 @@ from switch_jax.errors import ConfigError
 from switch_jax.model.moe.switch_layer import auto_dispatch
 from switch_jax.planning import analytic, compiled as compiled_step, tpu
 
-_TYPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")  # bf16[4,2,320]
-_COLLECTIVES = ("all-to-all", "all-gather", "all-gather-start", "reduce-scatter",
-                "all-reduce", "all-reduce-start")
-
-
-@dataclasses.dataclass(frozen=True)
-class Collective:
-  """One collective of the HLO: its op, result arrays (dtype, shape) and
-  participants per group."""
-  op: str
-  arrays: tuple  # ((dtype, shape), ...)
-  group_size: int
-  source: str  # the JAX op it came from (HLO metadata), for a reader
-
-  @property
-  def bytes(self) -> int:
-    return sum(compiled_step.ITEMSIZE[t] * math.prod(s) for t, s in self.arrays)
-
-
-def _participants(line: str) -> int:
-  """Devices per group of a collective: listed or iota replica groups
-  (compiled.group_size), or the mesh spelling TPU HLO also uses,
-  `replica_groups=mesh['axis_0'=8,'axis_1'=1], ... {'axis_0'}` (the
-  product of the axes named in braces)."""
-  try:
-    return compiled_step.group_size(line)
-  except ValueError:
-    pass
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]", line)
-  named = re.search(r"\)\s*\{([^}]*)\}", line)
-  if not (mesh and named):
-    raise ValueError(f"cannot read the replica groups of: {line[:200]}")
-  sizes = dict((k, int(v)) for k, v in re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
-  return math.prod(sizes[name] for name in re.findall(r"'(\w+)'", named.group(1)))
-
-
-def hlo_collectives(hlo: str) -> list[Collective]:
-  """Every collective instruction of optimized HLO text ('-start' halves
-  of async pairs stand for the pair; '-done' is skipped)."""
-  found = []
-  for line in hlo.splitlines():
-    op = next((name for name in _COLLECTIVES if f" {name}(" in line), None)
-    if op is None or "=" not in line:
-      continue
-    result = line.split(f" {op}(")[0].split("=", 1)[1]
-    arrays = tuple((t, tuple(int(x) for x in dims.split(",") if x))
-                   for t, dims in _TYPE.findall(result) if t in compiled_step.ITEMSIZE)
-    if op.endswith("-start") and len(arrays) > 1:
-      arrays = arrays[len(arrays) // 2:]  # (operands, results): keep the results
-    source = re.search(r'op_name="([^"]*)"', line)
-    found.append(Collective(op.removesuffix("-start"), arrays, _participants(line),
-                            source.group(1) if source else ""))
-  return found
+# One parser of HLO collectives serves the CPU figures and these.
+Collective = compiled_step.Collective
+hlo_collectives = compiled_step.hlo_collectives
 
 
 def is_expert_weight_shape(shape: Sequence[int], config: ModelConfig,
@@ -180,7 +129,7 @@ class TpuStep:
   @property
   def all_to_all_bytes(self) -> int:
     """Sent per device per step: (n - 1)/n of each all-to-all's buffer."""
-    return sum(c.bytes * (c.group_size - 1) // max(c.group_size, 1) for c in self.all_to_alls)
+    return sum(c.sent_bytes for c in self.all_to_alls)
 
   @property
   def all_to_all_dtypes(self) -> dict:

@@ -184,10 +184,13 @@ def test_collectives_are_read_in_every_replica_group_spelling():
       "  %b = f32[2,32,64]{2,1,0} all-reduce(%g), replica_groups=[2,4]<=[8], to_apply=%sum",
       "  %c = f32[] all-reduce(%h), channel_id=11, replica_groups=mesh['axis_0'=8,'axis_1'=1], "
       "device_ids=([2,4]T(1,0)) {'axis_0','axis_1'}, use_global_device_ids=true",
+      "  %f = f32[] all-reduce(%i), channel_id=3, replica_groups=mesh['axis_0'=8,'axis_1'=1] "
+      "{'axis_0'}, use_global_device_ids=true, to_apply=%sum",  # XLA:CPU's mesh spelling
       "  %d = (bf16[1,32,64], bf16[4,32,64]) all-gather-start(%w), replica_groups={{0,1,2,3}}",
       "  %e = bf16[4,32,64] all-gather-done(%d)"])
   found = tpu_compile.hlo_collectives(hlo)
   assert [(c.op, c.group_size) for c in found] == [
-      ("all-to-all", 4), ("all-reduce", 4), ("all-reduce", 8), ("all-gather", 4)]
+      ("all-to-all", 4), ("all-reduce", 4), ("all-reduce", 8), ("all-reduce", 8),
+      ("all-gather", 4)]
   assert found[0].bytes == 4 * 2 * 320 * 2 and found[0].source == "x/mlp"
-  assert found[3].arrays == (("bf16", (4, 32, 64)),)  # the result, not the operand
+  assert found[4].arrays == (("bf16", (4, 32, 64)),)  # the result, not the operand

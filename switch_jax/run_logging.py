@@ -172,8 +172,8 @@ class MetricsLogger:
       if self._events is not None:
         self.uploaded_bytes += self._events.upload(self.model_dir)
     except Exception as e:  # the network, credentials, quota: retried at the next sync
-      print(f"WARNING: metrics not uploaded to {self.model_dir} yet ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}); kept in {self._stage}",
+      print(f"WARNING: metrics not uploaded to {self.model_dir} yet "
+            f"({storage.describe_error(e)}); kept in {self._stage}",
             file=self.stream, flush=True)
       return False
     return True

@@ -57,7 +57,8 @@ def path(value) -> epath.Path:
   return result if is_bucket(value) else result.absolute()
 
 
-def _what_went_wrong(error: Exception) -> str:
+def describe_error(error: Exception) -> str:
+  """`Type: first line` of an error from a file layer, for a one-line message."""
   first = str(error).splitlines()[0][:200] if str(error) else ""
   return f"{type(error).__name__}: {first}"
 
@@ -76,7 +77,7 @@ def is_there(value, what: str, kind: str = "any") -> bool:
     raise UserError(f"{what} {value}: reading gs:// paths needs gcsfs (pip install gcsfs): "
                     f"{e}") from None
   except Exception as e:  # credentials, permissions, an unreachable endpoint
-    raise UserError(f"{what} {value}: cannot read it ({_what_went_wrong(e)})") from None
+    raise UserError(f"{what} {value}: cannot read it ({describe_error(e)})") from None
 
 
 def check(value, what: str, *, kind: str = "any") -> epath.Path:

@@ -123,14 +123,9 @@ def read_json_object(file) -> dict:
   return value
 
 
-def absolute(path) -> epath.Path:
-  """A local path made absolute; a bucket path (gs://...) as it is."""
-  return storage.path(path)
-
-
 def load_metadata(path) -> dict:
   """A model checkpoint's metadata.json, after checking its format."""
-  file = absolute(path) / METADATA_FILE
+  file = storage.path(path) / METADATA_FILE
   if not file.is_file():
     raise UserError(f"{path} is not a switch_jax model checkpoint: no {METADATA_FILE}")
   meta = read_json_object(file)
@@ -216,7 +211,7 @@ def resolve(path) -> ModelSource:
   """
   if not path:
     raise UserError("no checkpoint given")
-  path = absolute(path)
+  path = storage.path(path)
   if not storage.is_there(path, "checkpoint", "dir"):
     raise UserError(f"checkpoint {path} does not exist (expected a model checkpoint from "
                     "`switch-jax convert`, a training run's MODEL_DIR or one of its "

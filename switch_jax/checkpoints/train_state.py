@@ -25,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from switch_jax import storage
 from switch_jax.checkpoints import model_format
 from switch_jax.config import ModelConfig
 
@@ -44,7 +45,7 @@ class TrainCheckpointer:
   """Saves and restores a run's state under `model_dir/checkpoints`."""
 
   def __init__(self, model_dir, keep: Optional[int] = 3, async_save: bool = True):
-    self.directory = model_format.absolute(model_dir) / model_format.RUN_STEPS_DIR
+    self.directory = storage.path(model_dir) / model_format.RUN_STEPS_DIR
     self._options = (keep, async_save)
     self._manager = _manager(self.directory, keep, async_save)
 

@@ -137,8 +137,7 @@ def _matching_files(pattern: str) -> list[str]:
     raise UserError(f"{pattern}: reading gs:// paths needs gcsfs (pip install gcsfs): "
                     f"{e}") from None
   except Exception as e:  # credentials, permissions, an unreachable endpoint
-    first_line = str(e).splitlines()[0][:200] if str(e) else ""
-    raise UserError(f"cannot list {pattern} ({type(e).__name__}: {first_line})") from None
+    raise UserError(f"cannot list {pattern} ({storage.describe_error(e)})") from None
   return [str(p) for p in found]
 
 

@@ -11,12 +11,15 @@ data is first read (a gin binding, or a corpus built on first use). It
 checks the files once before reading: they exist, they are not empty, and
 they look like UTF-8 text.
 
-Text files, local or on a bucket (gs://...), are found and read through
-`switch_jax.storage`, the file layer the rest of the package writes with,
-not through tf.io.gfile or tf.data's file readers: TensorFlow's GCS client
-cannot be pointed at an emulator, so only this layer is tested on gs://.
-TFDS data directories stay on tf.data (`--tfds_data_dir gs://...` is read
-by TensorFlow's own GCS client).
+Text files, local or on a bucket (gs://...), are found and checked through
+`switch_jax.storage`, the file layer the rest of the package writes with:
+TensorFlow's GCS client cannot be pointed at an emulator, so only this layer
+is tested on gs://. They are read by tf.data's own `TextLineDataset`, so
+that a reading position can be saved with a checkpoint (a Python generator's
+cannot); a bucket file is first copied whole into the local cache
+(`<cache>/bucket_files/`, see `corpus.cache_root`) by the file layer, when
+the stream reaches it, and read from there. TFDS data directories stay on
+tf.data (`--tfds_data_dir gs://...` is read by TensorFlow's own GCS client).
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import contextlib
 import functools
 import glob
 import gzip
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import gin
@@ -37,13 +43,14 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from switch_jax import storage
+from switch_jax.data import corpus
 from switch_jax.errors import UserError
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 # Bytes read per file to decide whether it is UTF-8 text.
 _SNIFF_BYTES = 1 << 16
-# Lines handed from Python to tf.data at a time: one call per line would
-# cost more than reading the line.
+# JSON lines handed from tf.data to Python's parser at a time: one call per
+# line would cost more than parsing the line.
 _LINES_PER_BLOCK = 256
 
 
@@ -266,28 +273,67 @@ class TextFilesSource(seqio.FileDataSource):
     return super().get_dataset(split=split, shuffle=shuffle, seed=seed,
                                shard_info=shard_info, **kwargs)
 
-  def _blocks(self, filename: bytes, text_key: bytes) -> Iterator[np.ndarray]:
-    """`filename`'s documents as <bytes>[<= _LINES_PER_BLOCK] arrays."""
-    path, text_key = filename.decode("utf-8"), text_key.decode("utf-8")
-    is_json = is_json_lines(path)
-    block = []
-    with _open(path) as f:
-      for line in f:
-        line = line.rstrip(b"\r\n")
-        if is_json:
-          try:
-            line = str(json.loads(line.decode("utf-8", "replace"))[text_key]).encode("utf-8")
-          except (ValueError, KeyError, TypeError):
-            line = b""
-        block.append(line)
-        if len(block) == _LINES_PER_BLOCK:
-          yield np.array(block, dtype=object)
-          block = []
-    if block:
-      yield np.array(block, dtype=object)
+  def _read_file(self, filename: tf.Tensor) -> tf.data.Dataset:
+    """`{"text": <string>[]}` per line of one file (`filename`: <string>[])."""
+    parse = functools.partial(_json_texts, text_key=self._text_key)
+    is_json = tf.strings.regex_full_match(filename, _JSON_PATTERN)
 
-  def _read_file(self, filename):
-    blocks = tf.data.Dataset.from_generator(
-        self._blocks, args=(filename, self._text_key),
-        output_signature=tf.TensorSpec([None], tf.string))
-    return blocks.unbatch().map(lambda line: {"text": line})
+    def documents(block):  # <string>[<= _LINES_PER_BLOCK] lines -> documents
+      return tf.cond(is_json, lambda: tf.ensure_shape(tf.numpy_function(
+          parse, [block], tf.string, stateful=False), block.shape), lambda: block)
+
+    local = tf.cond(tf.strings.regex_full_match(filename, "gs://.*"),
+                    lambda: tf.numpy_function(_cached_copy, [filename], tf.string,
+                                              stateful=False),
+                    lambda: filename)
+    lines = tf.data.TextLineDataset(local, compression_type=tf.where(
+        tf.strings.regex_full_match(filename, r".*\.gz"), "GZIP", ""))
+    return lines.batch(_LINES_PER_BLOCK).map(documents).unbatch().map(
+        lambda text: {"text": text})
+
+
+_JSON_PATTERN = "|".join(".*" + suffix.replace(".", r"\.") for suffix in _JSON_SUFFIXES)
+
+
+def _json_texts(lines: np.ndarray, text_key: str) -> np.ndarray:
+  """Each JSON line's `text_key` field, b"" for a line that has none.
+
+  A pure function of its input (tf.data is told it is stateless, so that a
+  reading position can be saved: it must stay so).
+  """
+  texts = []
+  for line in lines:
+    try:
+      texts.append(str(json.loads(line.decode("utf-8", "replace"))[text_key]).encode("utf-8"))
+    except (ValueError, KeyError, TypeError):
+      texts.append(b"")
+  return np.array(texts, dtype=object)
+
+
+def bucket_cache_path(path: str) -> str:
+  """Where `path` (gs://...) is kept locally once the stream reaches it.
+
+  Named by the object's path, size and modification time, so a changed
+  object is copied again.
+  """
+  info = storage.path(path).stat()
+  key = hashlib.sha256(f"{path}\0{info.length}\0{info.mtime}".encode()).hexdigest()[:24]
+  return os.path.join(corpus.cache_root(), "bucket_files", key, os.path.basename(path))
+
+
+def _cached_copy(filename: bytes) -> bytes:
+  """The local copy of a bucket file, made now if missing.
+
+  Its result depends on the file's name (and unchanged contents) only, which
+  is why tf.data may treat it as stateless: copying again after a restore
+  gives the same file.
+  """
+  path = filename.decode("utf-8")
+  local = bucket_cache_path(path)
+  if not os.path.exists(local):
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(local), delete=False) as out:
+      with storage.path(path).open("rb") as source:
+        shutil.copyfileobj(source, out, 1 << 24)
+    os.replace(out.name, local)
+  return local.encode("utf-8")

@@ -58,8 +58,12 @@ def path(value) -> epath.Path:
 
 
 def describe_error(error: Exception) -> str:
-  """`Type: first line` of an error from a file layer, for a one-line message."""
-  first = str(error).splitlines()[0][:200] if str(error) else ""
+  """`Type: first line` of an error from a file layer, for a one-line message;
+  a long line keeps its start and its end (where tensorstore puts the cause:
+  "... No space left on device [os_error_code='28']")."""
+  first = str(error).splitlines()[0] if str(error) else ""
+  if len(first) > 240:
+    first = f"{first[:100]} ... {first[-130:]}"
   return f"{type(error).__name__}: {first}"
 
 

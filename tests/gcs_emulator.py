@@ -10,15 +10,22 @@ gs:// backend) through STORAGE_EMULATOR_HOST, orbax's tensorstore through
 TENSORSTORE_GCS_HTTP_URL. Nothing asks for credentials: the emulator takes
 none, gcsfs goes anonymous when an emulator is set, tensorstore takes the
 fixed test token, and the metadata-server probes point at a closed port.
+
+`failing` puts a loopback proxy in front of it that a test can switch to
+answering 403 to every request, as a bucket does once permission is lost
+(403, not 503: gcsfs and tensorstore retry 5xx with backoff for minutes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -61,15 +68,18 @@ def _request(url: str, method: str = "GET", body: bytes | None = None):
 
 
 @contextlib.contextmanager
-def running(log_path) -> str:
-  """Starts the emulator; yields its URL; stops it (this Popen, by its pid)."""
+def running(log_path, public_port: int | None = None) -> str:
+  """Starts the emulator; yields its URL; stops it (this Popen, by its pid).
+  The URLs it hands out (upload sessions) name `public_port` if given (a
+  proxy's), else its own."""
   binary = _binary()
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
+  public = f"127.0.0.1:{public_port or port}"
   with open(log_path, "w", encoding="utf-8") as log:
     proc = subprocess.Popen(
         [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-         "-port", str(port), "-external-url", url, "-public-host", f"127.0.0.1:{port}",
+         "-port", str(port), "-external-url", f"http://{public}", "-public-host", public,
          "-log-level", "warn"],
         stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -101,7 +111,7 @@ def emulator(tmp_path_factory):
     env = environment(url)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    _forget_clients()
+    forget_clients()
     try:
       yield url
     finally:
@@ -110,12 +120,102 @@ def emulator(tmp_path_factory):
           os.environ.pop(key, None)
         else:
           os.environ[key] = value
-      _forget_clients()
+      forget_clients()
 
 
-def _forget_clients() -> None:
+def forget_clients() -> None:
   """Drops the cached gs:// filesystems (epath keeps one, with its credentials)."""
   from etils.epath import backend  # pylint: disable=import-outside-toplevel
   backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
   if "gcsfs" in sys.modules:
     sys.modules["gcsfs"].GCSFileSystem.clear_instance_cache()
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+
+class RefusingProxy(http.server.ThreadingHTTPServer):
+  """Forwards every request to the emulator, or, once `refuse(True)`,
+  answers each with 403 as Cloud Storage does to a caller without
+  permission. `refused` counts the requests it turned away."""
+
+  daemon_threads = True
+
+  def __init__(self, port: int):
+    super().__init__(("127.0.0.1", port), _ProxyHandler)
+    self.url = f"http://127.0.0.1:{port}"
+    self.upstream: tuple[str, int] | None = None
+    self.refusing, self.refused = False, 0
+    self._lock = threading.Lock()
+
+  def handle_error(self, request, client_address):
+    """A client that hangs up early (gcsfs, tensorstore) is no error here."""
+
+  def refuse(self, on: bool) -> None:
+    self.refusing = on
+
+  def count_refusal(self) -> None:
+    with self._lock:
+      self.refused += 1
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+  protocol_version = "HTTP/1.1"  # keep-alive, as the clients expect
+
+  def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+    pass  # quiet
+
+  def _body(self) -> bytes:
+    if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+      chunks = []
+      while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+        chunks.append(self.rfile.read(size))
+        self.rfile.readline()
+      self.rfile.readline()
+      return b"".join(chunks)
+    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+  def _answer(self, status: int, headers, body: bytes) -> None:
+    self.send_response(status)
+    for key, value in headers:
+      if key.lower() not in _HOP_BY_HOP:
+        self.send_header(key, value)
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    if self.command != "HEAD":
+      self.wfile.write(body)
+
+  def _forward(self) -> None:
+    body = self._body()
+    proxy: RefusingProxy = self.server  # type: ignore[assignment]
+    if proxy.refusing:
+      proxy.count_refusal()
+      message = b'{"error": {"code": 403, "message": "permission lost (test proxy)"}}'
+      self._answer(403, [("Content-Type", "application/json")], message)
+      return
+    connection = http.client.HTTPConnection(*proxy.upstream, timeout=30)
+    try:
+      headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+      connection.request(self.command, self.path, body=body, headers=headers)
+      response = connection.getresponse()
+      self._answer(response.status, response.getheaders(), response.read())
+    finally:
+      connection.close()
+
+  do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+
+@contextlib.contextmanager
+def failing(log_path):
+  """An emulator behind a `RefusingProxy`; yields the proxy (its `url` is
+  the one to give the clients)."""
+  proxy = RefusingProxy(_free_port())
+  thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+  thread.start()
+  try:
+    with running(log_path, public_port=proxy.server_address[1]) as url:
+      proxy.upstream = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+      yield proxy
+  finally:
+    proxy.shutdown()
+    proxy.server_close()

@@ -11,6 +11,7 @@ import socket
 import time
 from typing import Sequence
 
+from switch_jax.cli import host_watchdog
 from switch_jax.errors import UserError
 
 
@@ -65,6 +66,10 @@ PROCESS_ID_ENV = "SWITCH_JAX_PROCESS_ID"
 
 # jax.distributed.initialize's own default.
 DEFAULT_COORDINATOR_TIMEOUT = 300.0
+# How long a process may go unheard before the others give it up: JAX's own
+# default (100 s). A host that stalls longer than this (a long pause, a
+# SIGSTOP) is taken for dead, so it is not small.
+DEFAULT_HEARTBEAT_TIMEOUT = 100
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +89,13 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
                       metavar="SECONDS",
                       help="with --distributed: how long to wait for the coordinator and the "
                            "other processes before failing (default %(default)s)")
+  parser.add_argument("--heartbeat_timeout", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT,
+                      metavar="SECONDS",
+                      help="with --distributed: a process unheard for this long is taken for "
+                           "dead, and every other one stops, saying so, with exit status "
+                           f"{host_watchdog.LOST_PROCESS_EXIT} instead of waiting on it; make "
+                           "it longer than any stall a healthy host may have (default "
+                           "%(default)s, JAX's own)")
 
 
 def distributed_settings(args, environ=os.environ) -> dict:
@@ -147,6 +159,35 @@ def wait_for_coordinator(address: str, timeout: float, process_id: int) -> None:
     time.sleep(0.25)
 
 
+def initialize_distributed(settings: dict, timeout: int, heartbeat_timeout: int) -> None:
+  """jax.distributed.initialize, and a watch that stops this process in one
+  line when another one is lost (cli/host_watchdog.py)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  jax.distributed.initialize(**settings, initialization_timeout=timeout,
+                             heartbeat_timeout_seconds=host_watchdog.jax_backstop(
+                                 heartbeat_timeout))
+  state = distributed.global_state
+  index = state.process_id
+
+  def lost(what: str) -> None:
+    host_watchdog.stop_for_lost(index, what, heartbeat_timeout, _resume_hint())
+  host_watchdog.HostWatchdog(state.client, index, state.num_processes, heartbeat_timeout,
+                             lost).start()
+
+
+def _resume_hint() -> str:
+  """Where a re-run resumes: the newest complete checkpoint, where one is known."""
+  try:
+    from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
+    from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
+    source = model_format.resolve(gin_config.query("train.model_dir"))
+  except Exception:  # pylint: disable=broad-except  # no run, no checkpoint yet
+    return "Re-run the same command on every host to resume from the newest complete checkpoint."
+  return (f"Re-run the same command on every host to resume from step {source.step} "
+          f"({source.path}), the newest complete checkpoint.")
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, default=None) -> None:
   """--num_cpu_devices (deprecated alias --emulate_devices)."""
   parser.add_argument("--num_cpu_devices", "--emulate_devices", dest="num_cpu_devices", type=int,
@@ -196,7 +237,10 @@ def setup(args) -> None:
       raise UserError(f"--coordinator_timeout must be positive, got {timeout:g}")
     if settings.get("coordinator_address") and settings.get("process_id", 0) != 0:
       wait_for_coordinator(settings["coordinator_address"], timeout, settings["process_id"])
-    jax.distributed.initialize(**settings, initialization_timeout=int(math.ceil(timeout)))
+    heartbeat_timeout = getattr(args, "heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT)
+    if heartbeat_timeout <= 0:
+      raise UserError(f"--heartbeat_timeout must be positive, got {heartbeat_timeout}")
+    initialize_distributed(settings, int(math.ceil(timeout)), heartbeat_timeout)
   from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
   bindings = list(getattr(args, "gin_bindings", []))
   if args.tfds_data_dir:

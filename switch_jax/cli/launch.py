@@ -40,6 +40,7 @@ import sys
 import unicodedata
 from typing import Callable, Mapping, Optional, Sequence, Union
 
+from switch_jax.cli import train_failure
 from switch_jax.errors import UserError
 
 TPU_VM = ("gcloud", "compute", "tpus", "tpu-vm")
@@ -398,6 +399,7 @@ class Step:
   role: str
   argv: list[str]
   comment: Optional[str] = None
+  model_dir: Optional[str] = None  # of a 'train' step: where a re-run resumes from
 
   @property
   def remote_command(self) -> Optional[str]:
@@ -432,7 +434,8 @@ def tpu_plan(*, name: str, zone: str, project: str, accelerator_type: str,
   steps.append(Step("train", tpu_train_command(
       name, zone, project, gin_files, gin_bindings or {}, model_dir, tfds_data_dir,
       extra_flags, shared_filesystem=shared_filesystem),
-      "Train on every worker (re-running resumes from the newest checkpoint in the model dir):"))
+      "Train on every worker (re-running resumes from the newest checkpoint in the model dir):",
+      model_dir=model_dir))
   if delete:
     steps.append(Step("delete", tpu_delete_command(name, zone, project),
                       "Delete the slice (after training, whether or not it succeeded):"))
@@ -477,6 +480,9 @@ def run_plan(steps: Sequence[Step], runner: Runner = subprocess.run) -> int:
       continue
     if step.role == "create" and skip_create:
       continue
+    if step.role == "train":
+      status = _run_train(step, runner)
+      continue
     status = _run(step.argv, runner)
     slice_exists = slice_exists or (step.role == "create" and status == 0)
   return status
@@ -485,6 +491,22 @@ def run_plan(steps: Sequence[Step], runner: Runner = subprocess.run) -> int:
 def _run(argv: list[str], runner: Runner) -> int:
   print(f"+ {shlex.join(argv)}", file=sys.stderr, flush=True)
   return runner(argv, check=False).returncode
+
+
+def _run_train(step: Step, runner: Runner) -> int:
+  """Runs the training step; when it fails, says which process was lost or
+  failed and the step a re-run resumes from (cli/train_failure.py)."""
+  print(f"+ {shlex.join(step.argv)}", file=sys.stderr, flush=True)
+  if runner is subprocess.run:  # the real thing: pass the output through and keep its end
+    status, lines = train_failure.stream(step.argv)
+  else:
+    status, lines = runner(step.argv, check=False).returncode, []
+  if status:
+    print(train_failure.report(
+        name=step.argv[len(TPU_VM) + 1], status=status, lines=lines,
+        step=train_failure.newest_step(step.model_dir) if step.model_dir else None),
+          file=sys.stderr, flush=True)
+  return status
 
 
 def _check_reusable(state: str, describe_argv: list[str]) -> None:

@@ -224,3 +224,71 @@ def test_a_relaunch_with_a_host_stalled_at_a_save_resumes_to_the_uninterrupted_p
                         _params(reference / "checkpoints" / str(STEPS)))) > 20
   print(f"resumed from step {resumed_from}; step {stalled_save} finalized while process 1 "
         f"was stopped: {finalized_while_stalled}")
+
+
+# ------------------------------------------- what the launcher says about it
+
+FAKE_GCLOUD = REPO / "tests" / "fake_tpu" / "gcloud"
+ZONE, PROJECT = "us-central2-b", "my-project"
+
+# The venv's Python on each fake worker: worker 1's trainer is killed outright,
+# worker 0's stops as a survivor does (the watchdog's own line, exit status 75).
+FAKE_TRAINER = """\
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from switch_jax.cli import host_watchdog
+if os.environ["TPU_WORKER_ID"] == "1":
+  os.kill(os.getpid(), signal.SIGKILL)
+print("step 5/12  loss 5.3497", flush=True)
+host_watchdog.stop_for_lost(0, "process 1", 10, "Re-run the same command on every host to "
+                            "resume from step 4 ({model_dir}/checkpoints/4), the newest "
+                            "complete checkpoint.")
+"""
+
+
+def _fake_step(step_dir: Path) -> None:
+  """A directory that model_format takes for a complete training step."""
+  from orbax.checkpoint import step as orbax_step  # pylint: disable=import-outside-toplevel
+  for item in ("params", "meta"):
+    (step_dir / item).mkdir(parents=True)
+  assert orbax_step.is_path_finalized(step_dir)
+
+
+def test_the_launcher_names_the_lost_worker_and_the_step_to_resume_from(tmp_path):
+  # Before, `launch tpu` ended with gcloud's exit status and nothing else.
+  model_dir = tmp_path / "bucket" / "run"
+  _fake_step(model_dir / "checkpoints" / "4")
+  (model_dir / "checkpoints" / "8.orbax-checkpoint-tmp-1").mkdir()  # a save cut short
+  env = {k: v for k, v in os.environ.items() if k not in (
+      "DRY_RUN", "SKIP_INSTALL", "DELETE", "SPOT", "PREEMPTIBLE", "BUCKET", "REMOTE_PYTHON",
+      "PACKAGE")}
+  env.update(PATH=f"{FAKE_GCLOUD.parent}:{os.environ['PATH']}", PYTHON=sys.executable,
+             FAKE_GCLOUD_DIR=str(tmp_path / "cloud"), FAKE_TPU_PYTHON=sys.executable,
+             TPU_NAME="pod", ZONE=ZONE, PROJECT=PROJECT, ACCELERATOR_TYPE="v4-16",
+             GIN_FILES="models/tiny_switch.gin runs/pretrain.gin", MODEL_DIR=str(model_dir),
+             TFDS_DATA_DIR=str(tmp_path / "bucket" / "tfds"), DRY_RUN="0", SKIP_INSTALL="1")
+  subprocess.run([sys.executable, str(FAKE_GCLOUD), "compute", "tpus", "tpu-vm", "create", "pod",
+                  f"--zone={ZONE}", f"--project={PROJECT}", "--accelerator-type=v4-16"],
+                 env=env, check=True, capture_output=True)
+  trainer = tmp_path / "fake_trainer.py"
+  trainer.write_text(FAKE_TRAINER.format(repo=str(REPO), model_dir=model_dir))
+  for worker in range(2):
+    python = (tmp_path / "cloud" / "tpus" / PROJECT / ZONE / "pod" / f"worker-{worker}" / "home"
+              / "switch-jax-venv" / "bin" / "python")
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/bash\nexec {sys.executable} {trainer} "$@"\n')
+    python.chmod(0o755)
+  done = subprocess.run([str(REPO / "launch" / "tpu_pod.sh"), "--shared_filesystem"], env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1, done.stdout + done.stderr
+  said = [line for line in done.stderr.splitlines() if line.startswith("switch-jax launch:")]
+  assert said == [
+      "switch-jax launch: training on slice pod failed: the ssh command exited with status 1.",
+      "switch-jax launch: process 1 (worker 1) stopped answering: killed (SIGKILL, out of "
+      "memory) or its VM gone, so it said nothing; process 0 stopped on losing it (exit status "
+      "75).",
+      "switch-jax launch: re-run the same command to resume from step 4, the newest complete "
+      "checkpoint."], done.stderr
+  # gcloud's own words (the fake's) stay: each worker's exit status.
+  assert "command failed on worker(s) 0 (exit 75), 1 (exit -9)" in done.stderr
+  assert "[worker 0] step 5/12" in done.stdout  # the trainers' lines still pass through

@@ -31,13 +31,14 @@ import concurrent.futures
 import hashlib
 import json
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from etils import epath
 from orbax.checkpoint._src.metadata import checkpoint as checkpoint_metadata
 from orbax.checkpoint._src.path import atomicity
 
 from switch_jax import storage
+from switch_jax.errors import UserError
 
 MANIFEST = "manifest.sha256.json"
 FORMAT = "switch_jax.manifest/1"
@@ -84,8 +85,9 @@ def has_manifest(directory) -> bool:
   return (storage.path(directory) / MANIFEST).is_file()
 
 
-def verify(directory) -> Optional[str]:
-  """Checks `directory` against its manifest.
+def verify(directory, items: Optional[Sequence[str]] = None) -> Optional[str]:
+  """Checks `directory` against its manifest (only the files under the
+  folders named in `items`, if given).
 
   Returns:
     None when every file the manifest names is there with its size and
@@ -105,6 +107,8 @@ def verify(directory) -> Optional[str]:
       raise ValueError(f"format {manifest.get('format')!r}")
   except (ValueError, KeyError, TypeError) as e:
     return f"{MANIFEST} is unreadable ({type(e).__name__}: {str(e)[:100]})"
+  if items is not None:
+    files = {n: e for n, e in files.items() if n.split("/", 1)[0] in items}
   present = set(_covered(directory))
   for name in sorted(files):
     if name not in present:
@@ -118,6 +122,26 @@ def verify(directory) -> Optional[str]:
     if digests[name][1] != files[name][HASH]:
       return f"{name} does not match its {HASH} in the manifest"
   return None
+
+
+def check_items(step_dir, items: Sequence[str]) -> None:
+  """For readers of one step that have no earlier step to fall back to
+  (eval, export, fine-tuning from a run): the files of `items` checked
+  against the step's manifest; a step without one passes unverified.
+
+  Raises:
+    UserError: a file is damaged or missing; the message names it.
+  """
+  step_dir = storage.path(step_dir)
+  if not has_manifest(step_dir):
+    return
+  try:
+    problem = verify(step_dir, items)
+  except OSError as e:
+    problem = f"cannot be read ({storage.describe_error(e)})"
+  if problem is not None:
+    raise UserError(f"checkpoint {step_dir} fails its manifest: {problem}; choose another step "
+                    "(a training run sets such a step aside and resumes from the one before)")
 
 
 def _is_step(path: epath.Path) -> bool:

@@ -9,8 +9,10 @@ Each host reads its own shard (`seqio.ShardInfo`: whole files when there are
 enough, else every num_shards-th example) and gets `batch_size // num_shards`
 examples per batch, in the feature layout of `seqio.EncDecFeatureConverter`.
 Under a fixed seed the stream is a pure function of (cfg, shard), so a run
-resumed with `start_batch=n` sees exactly what batch n onward would have been
-(it recomputes and skips the first n). Training streams repeat forever;
+resumed at `start_batch=n` sees exactly what batch n onward would have been:
+restored from the iterator state saved with the checkpoint
+(`iterator_state`), at a cost independent of n, or else by recomputing and
+dropping the first n batches. Training streams repeat forever;
 `get_eval_batches` gives one unpacked, unshuffled pass.
 """
 
@@ -18,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from switch_jax.data import sources
+from switch_jax.data import iterator_state, sources
 from switch_jax.errors import UserError
 
 # TensorFlow only feeds data here; the accelerators belong to JAX.
@@ -182,18 +184,34 @@ def get_dataset(cfg: DatasetConfig, shard_index: int = 0, num_shards: int = 1,
   return ds
 
 
+def stream_identity(cfg: DatasetConfig, shard_index: int = 0, num_shards: int = 1) -> dict:
+  """What makes a host's training stream the one it is: the settings and the shard."""
+  record = dataclasses.asdict(cfg)
+  record["task_feature_lengths"] = dict(record["task_feature_lengths"])
+  return {"dataset": record, "shard_index": shard_index, "num_shards": num_shards}
+
+
 def get_batches(cfg: DatasetConfig, shard_index: int = 0, num_shards: int = 1,
-                start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                start_batch: int = 0, saved_state: Optional[bytes] = None,
+                missing_because: str = "the checkpoint saved no data position",
+                warn: Callable[[str], None] = lambda message: None
+                ) -> iterator_state.HostBatches:
   """Host-local batches `{feature: <int32>[batch_size // num_shards, length]}`.
 
   Features: encoder_input_tokens, decoder_target_tokens, decoder_input_tokens,
   decoder_loss_weights, and with packing encoder/decoder_segment_ids and
-  encoder/decoder_positions. `start_batch` skips that many batches (resume).
+  encoder/decoder_positions.
+
+  Resuming at `start_batch`: `saved_state` (what `.state()` of this host's
+  batches gave at that batch) restores the position at a cost independent
+  of `start_batch`; without it, or if it does not fit (another shard, other
+  settings), the first `start_batch` batches are recomputed and dropped,
+  after `warn` gets one line saying why (`missing_because` when there is no
+  state). See `iterator_state`.
   """
-  ds = get_dataset(cfg, shard_index, num_shards)
-  if start_batch:
-    ds = ds.skip(start_batch)
-  return ds.prefetch(2).as_numpy_iterator()
+  return iterator_state.resume(lambda: get_dataset(cfg, shard_index, num_shards).prefetch(2),
+                               stream_identity(cfg, shard_index, num_shards), start_batch,
+                               saved_state, missing_because, warn)
 
 
 def get_eval_batches(cfg: DatasetConfig, shard_index: int = 0, num_shards: int = 1

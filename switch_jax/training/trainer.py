@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from switch_jax import partitioning, run_logging
 from switch_jax.model import losses
 from switch_jax.checkpoints import model_format, train_state
+from switch_jax.checkpoints.data_position import SavedPosition
 from switch_jax.training import warm_start
 from switch_jax.training.train_config import (CheckpointConfig, DistillConfig, EvalConfig,
                                               InitConfig, LoopConfig, StepConfig)
@@ -150,9 +151,22 @@ def _check_compatible(stored: ModelConfig, wanted: ModelConfig, path) -> None:
                       "made with (or `switch-jax convert`'s config).")
 
 
-def _host_batches(dataset: pipeline.DatasetConfig, start_batch: int):
+def _host_batches(dataset: pipeline.DatasetConfig, start_batch: int, step: int,
+                  saved: Optional[SavedPosition]):
+  """This host's stream at `start_batch`: restored from step `step`'s saved
+  position, else replayed after one line saying why."""
+  if saved is None:
+    missing = (f"checkpoint {step} has no saved data position (saved by an older switch_jax, "
+               "or by a data pipeline that cannot save one)")
+  else:
+    hosts = " or ".join(map(str, saved.host_counts())) or "no"
+    missing = (f"checkpoint {step} saved the data positions of {hosts} hosts and this run has "
+               f"{jax.process_count()}; each host reads its own shard, so these hosts' streams "
+               "are not the uninterrupted run's")
   return pipeline.get_batches(dataset, jax.process_index(), jax.process_count(),
-                              start_batch=start_batch)
+                              start_batch=start_batch,
+                              saved_state=saved.state if saved is not None else None,
+                              missing_because=missing, warn=_warn)
 
 
 def _to_global(batch: Mapping[str, np.ndarray], sharding) -> dict:
@@ -234,8 +248,9 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
     checkpointer = train_state.TrainCheckpointer(model_dir, checkpoint.keep,
                                                  checkpoint.async_save)
     restored = checkpointer.restore_latest(abstract_state)
+    saved_data = None
     if restored is not None:
-      step, state, meta = restored
+      step, state, meta, saved_data = restored
       start_batch = int(meta["data"]["batches"])
       if meta["data"].get("dataset") != _dataset_record(train_dataset):
         _warn(f"the training data settings changed since step {step}; reading on from batch "
@@ -248,13 +263,15 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
     first_step = int(step)
 
     def save(at_step, at_state):
+      # The iterator's bytes are taken now, before the next batch is read;
+      # the arrays are written in the background.
       checkpointer.save(at_step, at_state, model_config,
-                        {"batches": start_batch + at_step - first_step,
-                         "dataset": _dataset_record(train_dataset)})
+                        {"batches": batches.position, "dataset": _dataset_record(train_dataset)},
+                        data_state=batches.state_or_none(_warn))
 
     step_fn, teacher_args = _make_step(model, tx, mesh, shardings, step_config, distill)
     batch_sharding = partitioning.batch_sharding(mesh)
-    batches = _host_batches(train_dataset, start_batch)
+    batches = _host_batches(train_dataset, start_batch, first_step, saved_data)
     logger = run_logging.MetricsLogger(model_dir, loop.total_steps,
                                        enabled=jax.process_index() == 0)
     inference = (evaluation.inference_evaluator(model=model, mesh=mesh)
@@ -303,8 +320,12 @@ def train(*, model_dir: str, model_config: ModelConfig, train_dataset: pipeline.
         if previous is not None:
           guard.check(*previous)
     finally:
-      checkpointer.close()  # finishes any save in flight, so no checkpoint is left half-written
-      logger.close()
+      try:
+        # Finishes any save in flight, so no checkpoint is left half-written;
+        # a save that failed (full disk, bucket error) raises its one-line UserError.
+        checkpointer.close()
+      finally:
+        logger.close()
   summary["step"] = int(step)
   summary["checkpoint_dir"] = str(checkpointer.directory)
   return summary

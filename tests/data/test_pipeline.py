@@ -221,6 +221,20 @@ def test_prepared_tfds_data_is_read_from_the_given_directory(tiny_tfds):
   assert sorted(_documents_seen(cfg)) == list(range(500, 540))
 
 
+def test_a_prepared_tfds_stream_restores_its_saved_position(tiny_tfds):
+  name, data_dir = tiny_tfds
+  cfg = _config(mixture_or_task_name=name, tfds_data_dir=data_dir)
+  uninterrupted = _take(pipeline.get_batches(cfg), 5)
+  interrupted = pipeline.get_batches(cfg)
+  _take(interrupted, 3)
+  said = []
+  resumed = pipeline.get_batches(cfg, start_batch=3, saved_state=interrupted.state(),
+                                 warn=said.append)
+  assert said == []
+  for x, y in zip(uninterrupted[3:], _take(resumed, 2)):
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
 def test_missing_tfds_data_names_dataset_directory_and_fix(tiny_tfds, tmp_path):
   name, _ = tiny_tfds
   empty = str(tmp_path / "no_data_here")

@@ -84,6 +84,9 @@ def test_killed_run_resumes_and_ends_bit_identical(corpus, tmp_path):
   resumed_at = [int(line.split()[-1]) for line in "".join(outputs[1:] + [out]).splitlines()
                 if line.startswith("Resuming from")]
   assert len(resumed_at) == 2 and 2 <= resumed_at[0] < resumed_at[1], resumed_at
+  # Each resume restored the data position saved with its checkpoint: none replayed the input.
+  assert [line for line in "".join(outputs + [out]).splitlines() if "replaying" in line] == []
+  assert (killed_dir / "checkpoints" / str(steps) / "data" / "process_00000-of-00001").is_file()
   # Same parameters as the run that was never interrupted, bit for bit.
   a, b = _final_params(killed_dir, steps), _final_params(clean_dir, steps)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -47,7 +47,7 @@ def main() -> None:
   parser.add_argument("--out", default=None, help="write the results as JSON here")
   args = parser.parse_args()
   positions = sorted(int(n) for n in args.at.split(","))
-  load_start = os.getloadavg()[0]
+  load_start, started = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M:%S")
 
   stream = pipeline.get_batches(CONFIG)
   states, save_seconds = {}, {}
@@ -87,7 +87,7 @@ def main() -> None:
         f"{last['restore_s'] / first['restore_s']:.2f}; replay: "
         f"{last['replay_s'] / first['replay_s']:.1f}")
   results = {"meta": {"command": "python bench/bench_resume.py --at " + args.at,
-                      "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "config": {**pipeline.stream_identity(CONFIG)["dataset"]},
                       "cpu": platform.machine(), "cpu_count": os.cpu_count(),
                       "rounds": args.rounds, "load_start": load_start,

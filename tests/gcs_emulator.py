@@ -137,7 +137,8 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"
 class RefusingProxy(http.server.ThreadingHTTPServer):
   """Forwards every request to the emulator, or, once `refuse(True)`,
   answers each with 403 as Cloud Storage does to a caller without
-  permission. `refused` counts the requests it turned away."""
+  permission. `forwarded` and `refused` count the requests it passed on
+  and turned away."""
 
   daemon_threads = True
 
@@ -145,22 +146,31 @@ class RefusingProxy(http.server.ThreadingHTTPServer):
     super().__init__(("127.0.0.1", port), _ProxyHandler)
     self.url = f"http://127.0.0.1:{port}"
     self.upstream: tuple[str, int] | None = None
-    self.refusing, self.refused = False, 0
+    self.forwarded, self.refused = 0, 0
+    self._refuse_from: float = float("inf")  # the request count from which it refuses
     self._lock = threading.Lock()
 
   def handle_error(self, request, client_address):
     """A client that hangs up early (gcsfs, tensorstore) is no error here."""
 
-  def refuse(self, on: bool) -> None:
-    self.refusing = on
-
-  def count_refusal(self) -> None:
+  def refuse(self, on: bool, after: int = 0) -> None:
+    """Refuses every request from now on (after `after` more pass), or none."""
     with self._lock:
-      self.refused += 1
+      self._refuse_from = self.forwarded + after if on else float("inf")
+
+  def admit(self) -> bool:
+    """Whether the next request goes through (and counts it)."""
+    with self._lock:
+      if self.forwarded >= self._refuse_from:
+        self.refused += 1
+        return False
+      self.forwarded += 1
+      return True
 
 
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.1"  # keep-alive, as the clients expect
+  disable_nagle_algorithm = True  # else each answer waits ~40 ms on the client's delayed ACK
 
   def log_message(self, format, *args):  # pylint: disable=redefined-builtin
     pass  # quiet
@@ -188,8 +198,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
   def _forward(self) -> None:
     body = self._body()
     proxy: RefusingProxy = self.server  # type: ignore[assignment]
-    if proxy.refusing:
-      proxy.count_refusal()
+    if not proxy.admit():
       message = b'{"error": {"code": 403, "message": "permission lost (test proxy)"}}'
       self._answer(403, [("Content-Type", "application/json")], message)
       return

@@ -16,6 +16,7 @@ import gin
 import numpy as np
 import pytest
 
+import small_disk
 from switch_jax import run_logging
 from switch_jax.cli import main as cli
 from switch_jax.cli import gin_config
@@ -96,31 +97,82 @@ def test_sigterm_saves_the_current_step_exits_zero_and_wrote_only_model_dir_and_
   assert _listing(home) == {} and _listing(work) == {}
 
 
+def _flip_a_byte(file: Path) -> None:
+  data = bytearray(file.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  file.write_bytes(bytes(data))
+
+
+def _read_by_the_restore(step_dir: Path) -> Path:
+  """The root node of params/'s OCDBT tree (the one file in params/d/):
+  every array's lookup starts there."""
+  (node,) = (step_dir / "params" / "d").iterdir()
+  return node
+
+
+def _not_read_by_the_restore(step_dir: Path) -> Path:
+  """process 0's own OCDBT manifest: a restore reads the merged tree from
+  params/manifest.ocdbt and never opens this one (strace shows it), so
+  without a manifest its damage went unseen."""
+  return step_dir / "params" / "ocdbt.process_0" / "manifest.ocdbt"
+
+
+@pytest.mark.parametrize("damaged", [_read_by_the_restore, _not_read_by_the_restore],
+                         ids=["read_by_the_restore", "not_read_by_the_restore"])
 def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(corpus, trained, tmp_path,
-                                                                     capsys):
+                                                                     capsys, damaged):
   run = _copy(trained, tmp_path / "run")  # checkpoints 2 and 4
-  # Damage step 4 (its array data truncated), and leave a half-written step 6
-  # behind as a killed save would. Every OCDBT data file (params/d/ and
-  # params/ocdbt.process_*/d/) is cut: cutting only the largest one was
-  # not always seen by the restore (issue #17 saw step 4 restored after it),
-  # so that file is not always one the restore reads.
-  victims = [p for p in (run / "checkpoints" / "4" / "params").rglob("*")
-             if p.is_file() and p.parent.name == "d"]
-  assert len(victims) >= 2, victims
-  for victim in victims:
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+  # One byte of step 4 flipped, and a half-written step 6 left behind as a
+  # killed save would. Before manifests, (a) failed the restore in
+  # tensorstore and (b) resumed from step 4 without a word.
+  victim = damaged(run / "checkpoints" / "4")
+  _flip_a_byte(victim)
+  damaged_bytes = victim.read_bytes()
   (run / "checkpoints" / "6.orbax-checkpoint-tmp-123").mkdir()
   capsys.readouterr()
   summary = _train(corpus, run, 6)
   out = capsys.readouterr().out
-  assert "checkpoint 4" in out and "cannot be restored" in out
+  warning = [line for line in out.splitlines() if line.startswith("WARNING: checkpoint 4 ")]
+  assert len(warning) == 1, out[-3000:]
+  relative = str(victim.relative_to(run / "checkpoints" / "4"))
+  assert f"fails its manifest: {relative} does not match its sha256" in warning[0], warning
   resumed = [line for line in out.splitlines() if line.startswith("Resuming from")]
   assert resumed and resumed[0].endswith("at step 2"), resumed
   assert summary["step"] == 6
   kept = list((run / "checkpoints_unreadable").iterdir())
   assert len(kept) == 1 and kept[0].name.startswith("4-")  # set aside, never deleted
+  assert (kept[0] / relative).read_bytes() == damaged_bytes  # as it was found
   steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == 6 and 4 in steps  # step 4 saved again, from good state
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_a_restart_resumes_from_the_last_step(
+    corpus, trained, tmp_path, capsys):
+  # checkpoints/ on a tmpfs with room for steps 2 and 4 and half another:
+  # the save of step 6 fills it.
+  run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+  shutil.copytree(trained, run, ignore=shutil.ignore_patterns("checkpoints"))
+  step_kb = small_disk.used_kilobytes(trained / "checkpoints" / "4")
+  with small_disk.mounted(checkpoints, 2 * step_kb + step_kb // 2):
+    shutil.copytree(trained / "checkpoints", checkpoints, dirs_exist_ok=True)
+    argv = ["train", *[f"--gin_file={f}" for f in FILES],
+            *[f"--gin.{b.replace(' = ', '=', 1)}" for b in _bindings(corpus, run, 8)]]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    (error,) = [line for line in err.splitlines() if line.startswith("switch-jax train: error")]
+    # Where it fills (an array's data, a JSON item) decides the error's type.
+    assert error.startswith(f"switch-jax train: error: saving checkpoint 6 in {checkpoints} "
+                            "failed ("), error
+    assert "No space left on device" in error
+    assert "the last complete checkpoint is step 4, intact" in error
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["2", "4", "6.orbax-checkpoint-tmp"]
+    small_disk.grow(checkpoints, 8 * step_kb)  # space is back (keep=3 holds 4 steps at a save)
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"Resuming from {checkpoints / '4'} at step 4" in out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["4", "6", "8"]  # keep=3
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(corpus, trained, tmp_path):

@@ -99,13 +99,15 @@ def verify(directory, items: Optional[Sequence[str]] = None) -> Optional[str]:
     FileNotFoundError: `directory` has no manifest (see `has_manifest`).
   """
   directory = storage.path(directory)
-  text = (directory / MANIFEST).read_text()
+  data = (directory / MANIFEST).read_bytes()
   try:
-    manifest = json.loads(text)
+    manifest = json.loads(data.decode("utf-8"))
     files = manifest["files"]
     if manifest.get("format") != FORMAT or not isinstance(files, dict):
       raise ValueError(f"format {manifest.get('format')!r}")
-  except (ValueError, KeyError, TypeError) as e:
+    for entry in files.values():
+      int(entry["size"]), str(entry[HASH])  # pylint: disable=expression-not-assigned
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
     return f"{MANIFEST} is unreadable ({type(e).__name__}: {str(e)[:100]})"
   if items is not None:
     files = {n: e for n, e in files.items() if n.split("/", 1)[0] in items}

@@ -20,13 +20,15 @@ class State:
   opt_state: dict
 
 
-def make(step: int, kilobytes: int = 64, seed: int = 0) -> State:
-  """A state whose params hold about `kilobytes` KiB of random float32."""
+def make(step: int, kilobytes: int = 64, seed: int = 0, arrays: int = 1) -> State:
+  """A state whose params hold about `kilobytes` KiB of random float32, in
+  `arrays` matrices (a model has hundreds)."""
   rng = np.random.default_rng(seed + step)
-  side = max(1, int((kilobytes * 256) ** 0.5))
+  side = max(1, int((kilobytes * 256 / arrays) ** 0.5))
+  weights = {f"w{i}" if i else "w": jnp.asarray(rng.normal(size=(side, side)), jnp.float32)
+             for i in range(arrays)}
   return State(step=jnp.asarray(step, jnp.int32),
-               params={"w": jnp.asarray(rng.normal(size=(side, side)), jnp.float32),
-                       "b": jnp.asarray(rng.normal(size=(side,)), jnp.float32)},
+               params={**weights, "b": jnp.asarray(rng.normal(size=(side,)), jnp.float32)},
                opt_state={"m": jnp.asarray(rng.normal(size=(side,)), jnp.float32)})
 
 

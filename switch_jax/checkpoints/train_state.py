@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from switch_jax import storage
-from switch_jax.checkpoints import integrity, model_format
+from switch_jax.checkpoints import integrity, model_format, quiet_failures
 from switch_jax.checkpoints.data_position import (ITEM as DATA_ITEM, DataPositionRestore,
                                                   DataPositionSave, SavedPosition)
 from switch_jax.config import ModelConfig
@@ -41,20 +41,7 @@ from switch_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-
-class _NoOrbaxTracebacks(logging.Filter):
-  """Orbax logs a failed save's traceback from each of its background
-  threads; the run reports that failure itself, in one line
-  (`TrainCheckpointer._save_failed`), so orbax's records keep their message
-  and lose the traceback."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and "orbax" in record.pathname:
-      record.exc_info, record.exc_text = None, None
-    return True
-
-
-logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
+quiet_failures.install()  # a failed save is our one line, not orbax's tracebacks
 ITEMS = ("params", "opt_state", "meta", DATA_ITEM)
 
 

@@ -384,9 +384,7 @@ def _log_metrics(logger, step, metrics, meter, learning_rate, model_config) -> d
 
 
 def _dataset_record(dataset: pipeline.DatasetConfig) -> dict:
-  record = dataclasses.asdict(dataset)
-  record["task_feature_lengths"] = dict(record["task_feature_lengths"])
-  return record
+  return pipeline.stream_identity(dataset)["dataset"]
 
 
 class _Throughput:

@@ -78,13 +78,16 @@ def test_text_files_source_streams_every_document_of_a_bucket(bucket_text):
 
 
 def test_text_files_source_hands_lines_over_in_blocks(tmp_path, monkeypatch):
-  monkeypatch.setattr(sources, "_LINES_PER_BLOCK", 4)
+  monkeypatch.setattr(sources, "_LINES_PER_BLOCK", 4)  # JSON lines are parsed in blocks
   lines = [f"line {i}" for i in range(10)]  # blocks of 4, 4 and 2
+  (tmp_path / "ten.jsonl").write_text("\r\n".join(json.dumps({"text": l}) for l in lines) + "\r\n")
   (tmp_path / "ten.txt").write_text("\r\n".join(lines) + "\r\n")
-  source = sources.TextFilesSource(lambda split: [str(tmp_path / "ten.txt")], splits=("train",))
-  texts = [x["text"].decode() for x in source.get_dataset("train", shuffle=False)
-           .as_numpy_iterator()]
-  assert texts == lines
+  for name in ("ten.jsonl", "ten.txt"):
+    source = sources.TextFilesSource(lambda split, name=name: [str(tmp_path / name)],
+                                     splits=("train",))
+    texts = [x["text"].decode() for x in source.get_dataset("train", shuffle=False)
+             .as_numpy_iterator()]
+    assert texts == lines, name
 
 
 def test_a_vocabulary_on_a_bucket_is_trained_read_and_used(bucket_text, corpus, tmp_path):

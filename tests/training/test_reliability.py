@@ -1,5 +1,6 @@
-"""What a run guarantees: preemption saves, damaged checkpoints are set aside,
-non-finite steps are not applied, bad input fails before anything is
+"""What a run guarantees: preemption saves, damaged checkpoints (per their
+manifest) are set aside, a full disk stops the run in one line and the
+restart resumes, non-finite steps are not applied, bad input fails before anything is
 compiled or written, bfloat16 with a float32 router tracks float32, and a
 run writes only where it is told to."""
 

@@ -169,6 +169,8 @@ def initialize_distributed(settings: dict, timeout: int, heartbeat_timeout: int)
                                  heartbeat_timeout))
   state = distributed.global_state
   index = state.process_id
+  if state.client is None or state.num_processes < 2:
+    return  # nobody else to lose
 
   def lost(what: str) -> None:
     host_watchdog.stop_for_lost(index, what, heartbeat_timeout, _resume_hint())
@@ -182,8 +184,9 @@ def _resume_hint() -> str:
     from switch_jax.checkpoints import model_format  # pylint: disable=import-outside-toplevel
     from switch_jax.cli import gin_config  # pylint: disable=import-outside-toplevel
     source = model_format.resolve(gin_config.query("train.model_dir"))
-  except Exception:  # pylint: disable=broad-except  # no run, no checkpoint yet
-    return "Re-run the same command on every host to resume from the newest complete checkpoint."
+  except Exception:  # pylint: disable=broad-except  # not a training run, or no checkpoint yet
+    return ("Re-run the same command on every host: it resumes from the newest complete "
+            "checkpoint, if there is one.")
   return (f"Re-run the same command on every host to resume from step {source.step} "
           f"({source.path}), the newest complete checkpoint.")
 

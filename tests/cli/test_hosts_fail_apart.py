@@ -236,6 +236,7 @@ ZONE, PROJECT = "us-central2-b", "my-project"
 FAKE_TRAINER = """\
 import os, signal, sys
 sys.path.insert(0, {repo!r})
+from switch_jax.cli import host_watchdog
 if os.environ["TPU_WORKER_ID"] == "1":
   os.kill(os.getpid(), signal.SIGKILL)
 print("step 5/12  loss 5.3497", flush=True)
@@ -287,7 +288,7 @@ def test_the_launcher_names_the_lost_worker_and_the_step_to_resume_from(tmp_path
       "memory) or its VM gone, so it said nothing; process 0 stopped on losing it (exit status "
       "75).",
       "switch-jax launch: re-run the same command to resume from step 4, the newest complete "
-      "checkpoint."], done.stderr
+      "checkpoint."], done.stdout[-3000:] + done.stderr
   # gcloud's own words (the fake's) stay: each worker's exit status.
   assert "command failed on worker(s) 0 (exit 75), 1 (exit -9)" in done.stderr
   assert "[worker 0] step 5/12" in done.stdout  # the trainers' lines still pass through

@@ -22,14 +22,23 @@ import pathlib
 import shutil
 import tempfile
 import uuid
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
+import gin
 from etils import epath
 from etils.epath import gpath
 
 from switch_jax.errors import UserError
 
 BUCKET_PREFIX = "gs://"
+
+
+@gin.configurable
+def cache_root(path: Optional[str] = None) -> str:
+  """switch-jax's local cache: `path`, else $SWITCH_JAX_CACHE, else
+  ~/.cache/switch_jax (gin: `cache_root.path`)."""
+  return path or os.environ.get("SWITCH_JAX_CACHE") or os.path.expanduser(
+      "~/.cache/switch_jax")
 
 
 def _use_gcsfs() -> None:

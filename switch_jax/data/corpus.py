@@ -39,6 +39,8 @@ from typing import Optional
 
 import gin
 
+from switch_jax import storage
+
 FORMAT_VERSION = 1
 NUM_TRAIN_SHARDS = 8
 VALIDATION_PERCENT = 2
@@ -46,13 +48,6 @@ MIN_WORDS = 4
 DEFAULT_VOCAB_SIZE = 8000
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _TOPICS_FILE = os.path.join("pydoc_data", "topics.py")
-
-
-@gin.configurable
-def cache_root(path: Optional[str] = None) -> str:
-  """`path`, else $SWITCH_JAX_CACHE, else ~/.cache/switch_jax."""
-  return path or os.environ.get("SWITCH_JAX_CACHE") or os.path.expanduser(
-      "~/.cache/switch_jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +251,7 @@ def corpus_directory(cache_dir: Optional[str] = None, source_dir: Optional[str] 
                      vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
   """Where the corpus for these settings lives (or will), without building it."""
   source_dir = source_dir or stdlib_dir()
-  return os.path.join(cache_root(cache_dir), "embedded_corpus",
+  return os.path.join(storage.cache_root(cache_dir), "embedded_corpus",
                       fingerprint(source_dir, vocab_size))
 
 
@@ -272,7 +267,7 @@ def embedded_corpus(cache_dir: Optional[str] = None, source_dir: Optional[str] =
   Concurrent builders (several processes, or hosts sharing a disk) each
   write a private directory and rename it into place; the first rename wins.
   """
-  cache_dir = cache_root(cache_dir)
+  cache_dir = storage.cache_root(cache_dir)
   source_dir = source_dir or stdlib_dir()
   key = (cache_dir, source_dir, vocab_size)
   if key not in _BUILT:

@@ -17,7 +17,7 @@ TensorFlow's GCS client cannot be pointed at an emulator, so only this layer
 is tested on gs://. They are read by tf.data's own `TextLineDataset`, so
 that a reading position can be saved with a checkpoint (a Python generator's
 cannot); a bucket file is first copied whole into the local cache
-(`<cache>/bucket_files/`, see `corpus.cache_root`) by the file layer, when
+(`<cache>/bucket_files/`, see `storage.cache_root`) by the file layer, when
 the stream reaches it, and read from there. TFDS data directories stay on
 tf.data (`--tfds_data_dir gs://...` is read by TensorFlow's own GCS client).
 """
@@ -43,7 +43,6 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from switch_jax import storage
-from switch_jax.data import corpus
 from switch_jax.errors import UserError
 
 _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -318,7 +317,7 @@ def bucket_cache_path(path: str) -> str:
   """
   info = storage.path(path).stat()
   key = hashlib.sha256(f"{path}\0{info.length}\0{info.mtime}".encode()).hexdigest()[:24]
-  return os.path.join(corpus.cache_root(), "bucket_files", key, os.path.basename(path))
+  return os.path.join(storage.cache_root(), "bucket_files", key, os.path.basename(path))
 
 
 def _cached_copy(filename: bytes) -> bytes:

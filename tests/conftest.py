@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 # The modules with subprocess runs and training loops go first: under
 # `pytest -n 2` their long tests then overlap each other, instead of one
 # worker finishing them alone while the other idles.
-_LONG_MODULES = ("test_pod_simulation.py", "test_buckets.py", "test_trainer.py", "test_reliability.py",
+_LONG_MODULES = ("test_pod_simulation.py", "test_hosts_fail_apart.py", "test_buckets.py", "test_trainer.py", "test_reliability.py",
                  "test_warm_start.py", "test_mesh.py")
 
 

@@ -188,8 +188,17 @@ class TrainCheckpointer:
     """
     try:
       self.wait()
-    finally:
+    except UserError:
+      try:  # orbax's background parts may fail again on closing: the first error is the one
+        self._manager.close()
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        log.warning("closing the checkpoint manager after a failed save: %s",
+                    storage.describe_error(e))
+      raise
+    try:
       self._manager.close()
+    except Exception as e:  # a last write (orbax's step metadata) that failed
+      raise self._save_failed(None, e) from None
 
 
 def abstract_like(tree, shardings):

@@ -29,6 +29,7 @@ from etils import epath
 from flax import traverse_util
 
 from switch_jax import __version__, storage
+from switch_jax.checkpoints import integrity
 from switch_jax.config import ModelConfig
 from switch_jax.errors import UserError
 from switch_jax.model.param_count import abstract_params
@@ -169,9 +170,20 @@ class ModelSource:
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
       raise UserError(f"{self.describe()}: not a valid model config ({e})") from None
 
-  def restore(self, target) -> Any:
+  def check(self) -> None:
+    """A training step's params/ and meta/ checked against its manifest.
+
+    Raises:
+      UserError: a file is damaged or missing; the message names it.
+    """
+    if self.step is not None:
+      integrity.check_items(self.path, (PARAMS_DIR, STEP_META_DIR))
+
+  def restore(self, target, *, checked: bool = False) -> Any:
     """The parameters, restored onto `target` (a tree of ShapeDtypeStructs
-    with the shardings wanted)."""
+    with the shardings wanted); first `check()`ed unless `checked`."""
+    if not checked:
+      self.check()
     with ocp.StandardCheckpointer() as checkpointer:
       try:
         return checkpointer.restore(self.params_dir, target)
@@ -252,10 +264,11 @@ def load_model(path) -> tuple[ModelConfig, Any]:
     The config and the unboxed float32 parameter tree.
 
   Raises:
-    UserError: no model is there, its files are unreadable, or a stored
-      shape differs from the config's.
+    UserError: no model is there, its files are unreadable or fail the
+      step's manifest, or a stored shape differs from the config's.
   """
   source = resolve(path)
+  source.check()
   config = source.config()
   params_dir = source.params_dir
   if not params_dir.is_dir():
@@ -272,4 +285,4 @@ def load_model(path) -> tuple[ModelConfig, Any]:
   target = traverse_util.unflatten_dict({
       p: jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)
       for p, shape in _expected_shapes(config).items()})
-  return config, source.restore(target)
+  return config, source.restore(target, checked=True)

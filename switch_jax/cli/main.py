@@ -68,6 +68,12 @@ def _keep_writes_in_the_cache() -> None:
   os.environ.setdefault("MPLCONFIGDIR", os.path.join(cache, "matplotlib"))
 
 
+def _without_gin_note(error: Exception) -> str:
+  """The error's message without the line gin appends to errors raised inside
+  a configurable ("  In call to configurable 'train' (<function ...>)")."""
+  return str(error).split("\n  In call to configurable", 1)[0]
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   _keep_writes_in_the_cache()
@@ -87,7 +93,7 @@ def main(argv=None) -> int:
       args.gin_bindings = bindings
       return int(module.run(args) or 0)
     except UserError as e:
-      print(f"switch-jax {argv[0]}: error: {e}", file=sys.stderr)
+      print(f"switch-jax {argv[0]}: error: {_without_gin_note(e)}", file=sys.stderr)
       return 2
   parser.parse_args(argv)  # prints help or the error for an unknown command
   return 2

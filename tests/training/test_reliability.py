@@ -163,6 +163,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_a_restart_resumes_from_the_la
     err = capsys.readouterr().err
     assert "Traceback" not in err, err[-3000:]
     (error,) = [line for line in err.splitlines() if line.startswith("switch-jax train: error")]
+    assert "In call to configurable" not in err, err[-3000:]  # gin's note: not for users
     # Where it fills (an array's data, a JSON item) decides the error's type.
     assert error.startswith(f"switch-jax train: error: saving checkpoint 6 in {checkpoints} "
                             "failed ("), error

@@ -29,8 +29,10 @@ import time
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from switch_jax import storage
 from switch_jax.checkpoints import integrity, model_format, quiet_failures
@@ -65,11 +67,17 @@ class TrainCheckpointer:
 
   def _set_aside(self, step: int) -> epath.Path:
     """Moves an unreadable step out of the way (never deletes it), so a new
-    save of that step can happen and the files stay for inspection."""
+    save of that step can happen and the files stay for inspection. On
+    several hosts (one shared MODEL_DIR) process 0 moves it, named by its
+    clock, and the others wait for the move before listing the steps again."""
     self._manager.close()
-    destination = self.directory.parent / "checkpoints_unreadable" / f"{step}-{int(time.time())}"
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    (self.directory / str(step)).rename(destination)
+    stamp = _from_process_0(int(time.time()))
+    destination = self.directory.parent / "checkpoints_unreadable" / f"{step}-{stamp}"
+    if jax.process_index() == 0:
+      destination.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(destination)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"switch_jax_set_aside_{step}_{stamp}")
     self._manager = _manager(self.directory, *self._options)
     return destination
 
@@ -122,10 +130,14 @@ class TrainCheckpointer:
     temporary directory locally, a step without commit_success.txt on a
     bucket), which no restore takes and the next run's start removes."""
     which = f"checkpoint {step}" if step is not None else "a checkpoint"
+    if isinstance(error, TimeoutError):  # orbax's barrier: another host did not finish its part
+      advice = ("Another host did not finish writing its part in time (slow storage, a stalled "
+                "host); run the same command again on every host")
+    else:
+      advice = "Free space or restore access, then run the same command again"
     return UserError(
         f"saving {which} in {self.directory} failed ({storage.describe_error(error)}); "
-        f"{self._complete_steps()}. Free space or restore access, then run the same command "
-        "again to resume from it")
+        f"{self._complete_steps()}. {advice} to resume from it")
 
   def restore_latest(self, abstract_state
                      ) -> Optional[tuple[int, Any, dict, Optional[SavedPosition]]]:
@@ -149,7 +161,11 @@ class TrainCheckpointer:
             meta=ocp.args.JsonRestore(), **items))
       except Exception as e:  # orbax raises many types for damaged files
         reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        _all_agree(False)
         self._report_unreadable(step, f"cannot be restored ({reason})")
+        continue
+      if not _all_agree(True):  # another host could not restore it: every host moves on
+        self._report_unreadable(step, "cannot be restored on another host")
         continue
       state = abstract_state.replace(step=restored.opt_state["step"], params=restored.params,
                                      opt_state=restored.opt_state["opt_state"])
@@ -171,13 +187,15 @@ class TrainCheckpointer:
       print(f"checkpoint {step} in {self.directory} has no {integrity.MANIFEST} (saved before "
             "switch_jax wrote manifests); restoring it unverified", flush=True)
       return True
-    try:
-      problem = integrity.verify(directory)
-    except OSError as e:
-      problem = f"cannot be read ({storage.describe_error(e)})"
-    if problem is None:
+    problem = None
+    if jax.process_index() == 0:  # the step is shared: one host reads it whole
+      try:
+        problem = integrity.verify(directory)
+      except OSError as e:
+        problem = f"cannot be read ({storage.describe_error(e)})"
+    if _all_agree(problem is None):
       return True
-    self._report_unreadable(step, f"fails its manifest: {problem}")
+    self._report_unreadable(step, f"fails its manifest: {problem or 'as process 0 found'}")
     return False
 
   def close(self) -> None:
@@ -199,6 +217,20 @@ class TrainCheckpointer:
       self._manager.close()
     except Exception as e:  # a last write (orbax's step metadata) that failed
       raise self._save_failed(None, e) from None
+
+
+def _all_agree(ok: bool) -> bool:
+  """Whether every host's `ok` is true (each host passes its own); one host: `ok`."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.min(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _from_process_0(value: int) -> int:
+  """Process 0's `value` (an int32), on every host."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
 def abstract_like(tree, shardings):

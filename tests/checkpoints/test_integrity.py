@@ -4,14 +4,20 @@ restore checks them first and sets a step that fails aside for the one
 before it; a step from before manifests restores, said to be unverified."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import small_train_state as small
 from gcs_emulator import emulator  # noqa: F401  pylint: disable=unused-import  # the fixture
 from switch_jax import storage
-from switch_jax.checkpoints import integrity, train_state
+from switch_jax.checkpoints import integrity, model_format, train_state
+from switch_jax.errors import UserError
 
 
 def _run(tmp_path, steps=(2, 4), async_save=False) -> Path:
@@ -158,3 +164,55 @@ def test_a_reader_of_one_step_checks_only_the_items_it_reads(tmp_path):
     integrity.check_items(step_dir, ("params", "meta"))
   (step_dir / integrity.MANIFEST).unlink()  # saved before manifests: passes, unverified
   integrity.check_items(step_dir, ("params", "meta"))
+
+
+def _two_processes(model_dir, phase, out):
+  """Runs checkpoint_worker.py as both processes of one run; returns their output."""
+  here = Path(__file__).resolve().parents[1]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      [str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]))
+  procs = [subprocess.Popen([sys.executable, str(here / "checkpoint_worker.py"), str(i), port,
+                             str(model_dir), phase, str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) for i in range(2)]
+  logs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+  return logs
+
+
+def test_on_two_hosts_a_damaged_step_is_set_aside_once_and_both_resume_from_the_one_before(
+    tmp_path):
+  # One shared MODEL_DIR: each host checking and moving the step itself
+  # raced (the second move found nothing) and could leave the hosts on
+  # different steps.
+  run = tmp_path / "run"
+  _two_processes(run, "save", tmp_path / "unused.json")
+  step_4 = run / "checkpoints" / "4"
+  manifest = json.loads((step_4 / integrity.MANIFEST).read_text())
+  assert any("ocdbt.process_1/" in name for name in manifest["files"])  # both hosts' files
+  victim = next(step_4 / name for name in sorted(manifest["files"])
+                if name.startswith("params/ocdbt.process_1/"))
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  victim.write_bytes(bytes(data))
+  logs = _two_processes(run, "restore", tmp_path / "restored.json")
+  restored = json.loads((tmp_path / "restored.json").read_text())
+  assert restored == {"step": 2, "sum": float(np.arange(8 * 16).sum() * 2)}
+  assert [p.name.split("-")[0] for p in (run / "checkpoints_unreadable").iterdir()] == ["4"]
+  assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+  assert all("fails its manifest" in log for log in logs), logs
+
+
+def test_loading_one_step_of_a_run_refuses_a_damaged_file_in_one_line(tmp_path):
+  # eval, export and fine-tuning read one step (load_model, load_params),
+  # with no earlier step to fall back to: a damaged file is named, not read.
+  step_4 = _run(tmp_path) / "4"
+  victim = next(p for p in sorted((step_4 / "params").rglob("*"))
+                if p.is_file() and "/d/" in str(p))
+  _flip(victim)
+  with pytest.raises(UserError, match=r"fails its manifest: params/.* does not match"):
+    model_format.load_model(step_4)
+  with pytest.raises(UserError, match="fails its manifest"):
+    model_format.load_params(tmp_path / "run", target=None)  # the run's newest step: 4

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from switch_jax import run_logging
 from switch_jax.checkpoints import model_format
@@ -126,17 +127,9 @@ def _logged_steps(model_dir: Path) -> set[int]:
 
 
 def _params(step_dir: Path) -> dict:
+  """The step's parameters, flat: {"encoder/.../kernel": array}."""
   _, params = model_format.load_model(step_dir)
-  leaves = {}
-
-  def walk(tree, prefix):
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        walk(value, prefix + (key,))
-      else:
-        leaves["/".join(prefix + (key,))] = np.asarray(value)
-  walk(params, ())
-  return leaves
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def _differing(a: dict, b: dict) -> list[str]:

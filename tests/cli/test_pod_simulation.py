@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import package_wheel
 
@@ -259,18 +260,9 @@ def _trainer_pid(shell_pid: int) -> int:
 
 
 def _params(step_dir):
-  config, params = model_format.load_model(step_dir)
-  del config
-  leaves = {}
-
-  def walk(tree, prefix):
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        walk(value, prefix + (key,))
-      else:
-        leaves["/".join(prefix + (key,))] = np.asarray(value)
-  walk(params, ())
-  return leaves
+  """The step's parameters, flat: {"encoder/.../kernel": array}."""
+  _, params = model_format.load_model(step_dir)
+  return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def _losses(model_dir):

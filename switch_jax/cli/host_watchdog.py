@@ -15,6 +15,12 @@ long, ends this process with LOST_PROCESS_EXIT after printing which process
 was lost and where a re-run resumes. JAX's own heartbeat timeout is set
 longer (JAX_BACKSTOP), so this one speaks first.
 
+A host that dies mid-collective can also fail the others' collective at
+once (gloo: "Connection reset by peer"), before its heartbeat is overdue;
+the error then unwinds this process toward JAX's shutdown barrier, where
+JAX's backstop aborts it. `await_lost_host` is for that moment: the CLI
+calls it with such an error, and it waits for the watch's verdict.
+
 Nothing is saved on the way out: the newest complete checkpoint stays as it
 was, and a save in flight stays a temporary directory, which the next run's
 checkpointer removes (orbax finalizes a step only after every process has
@@ -33,6 +39,10 @@ from typing import Callable, Optional
 # EX_TEMPFAIL, "try again": a re-run of the same command resumes.
 LOST_PROCESS_EXIT = 75
 _KEY = "switch_jax/heartbeat"
+# The errors a collective raises when a peer is gone (XlaRuntimeError is
+# JaxRuntimeError's older name); matched by name to keep jax out of this module.
+_RUNTIME_ERRORS = ("JaxRuntimeError", "XlaRuntimeError")
+_active: Optional["HostWatchdog"] = None
 
 
 def jax_backstop(timeout: int) -> int:
@@ -111,6 +121,8 @@ class HostWatchdog:
     return None
 
   def start(self) -> "HostWatchdog":
+    global _active  # pylint: disable=global-statement  # one watch per process
+    _active = self
     threading.Thread(target=self._beat_loop, name="switch-jax-heartbeat", daemon=True).start()
     threading.Thread(target=self._watch_loop, name="switch-jax-host-watch", daemon=True).start()
     atexit.register(self.finish)
@@ -142,6 +154,21 @@ class HostWatchdog:
       if lost is not None and not self._stop.is_set() and not self._fired:
         self._fired = True
         self.lost(lost)
+
+
+def await_lost_host(error: BaseException) -> None:
+  """After `error` escaped a multi-process run: when it is a runtime error
+  (a collective that failed, perhaps because a host died) and a watch runs,
+  waits until the watch could have named a lost host, `timeout` and three
+  intervals, so that its `lost` ends the process with the one line. Returns
+  at once for other errors or without a watch; after the wait when nobody
+  is lost (the error is then a real one, for the caller to raise)."""
+  watch = _active
+  if watch is None or watch._stop.is_set() or type(error).__name__ not in _RUNTIME_ERRORS:
+    return
+  deadline = time.monotonic() + watch.timeout + 3 * watch.interval
+  while not watch._fired and time.monotonic() < deadline:
+    time.sleep(min(watch.interval, 0.1))
 
 
 def stop_for_lost(process_id: int, what: str, timeout: float, resume_hint: str) -> None:

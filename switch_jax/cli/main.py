@@ -14,6 +14,7 @@ import importlib.util  # `import importlib` alone does not load the submodule
 import os
 import sys
 
+from switch_jax.cli import host_watchdog
 from switch_jax.errors import UserError
 
 # name -> (module, one-line help)
@@ -95,6 +96,9 @@ def main(argv=None) -> int:
     except UserError as e:
       print(f"switch-jax {argv[0]}: error: {_without_gin_note(e)}", file=sys.stderr)
       return 2
+    except Exception as e:  # a lost host's collective error: the watch speaks instead
+      host_watchdog.await_lost_host(e)
+      raise
   parser.parse_args(argv)  # prints help or the error for an unknown command
   return 2
 

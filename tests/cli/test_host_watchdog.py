@@ -1,6 +1,8 @@
 """The lost-host watch (cli/host_watchdog.py) on a made-up key-value store
 and clock: which silence it reports, and which it forgives."""
 
+import time
+
 import pytest
 
 from switch_jax.cli import host_watchdog
@@ -131,3 +133,39 @@ def test_the_heartbeat_timeout_must_be_positive():
   with pytest.raises(UserError, match="--heartbeat_timeout must be positive, got 0"):
     gin_flags.setup(args)
   assert parser.parse_args([]).heartbeat_timeout == 100  # JAX's own default
+
+
+class JaxRuntimeError(RuntimeError):
+  """Named as jax's: what a collective raises when its peer is gone."""
+
+
+def test_a_collective_error_is_held_until_the_watch_names_the_lost_host():
+  # Seen in CI: gloo failed the survivor's all-to-all at once ("Connection
+  # reset by peer"); the error unwound to JAX's shutdown barrier, and JAX's
+  # backstop aborted the process (SIGABRT, a stack trace) instead of the line.
+  lost = []
+  watch = host_watchdog.HostWatchdog(Store(), 0, 2, 0.5, lost=lost.append).start()
+  try:
+    start = time.monotonic()
+    host_watchdog.await_lost_host(JaxRuntimeError("Gloo all-to-all failed: Connection reset"))
+    assert lost == ["process 1"]  # it never beat
+    assert time.monotonic() - start < 0.5 + 3 * 0.1 + 0.5
+  finally:
+    watch.finish()
+
+
+def test_other_errors_and_a_healthy_pod_are_not_held():
+  store, lost = Store(), []
+  watches = [host_watchdog.HostWatchdog(store, i, 2, 0.5, lost=lost.append)
+             for i in (1, 0)]
+  for watch in watches:
+    watch.start()
+  try:
+    start = time.monotonic()
+    host_watchdog.await_lost_host(ValueError("a bug of ours"))
+    assert time.monotonic() - start < 0.05
+    host_watchdog.await_lost_host(JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+    assert lost == [] and time.monotonic() - start >= 0.5  # waited, then left it to raise
+  finally:
+    for watch in watches:
+      watch.finish()

@@ -34,8 +34,8 @@ def _train_args(corpus, model_dir, steps):
   ]
 
 
-def _cli(args, **kw):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+def _cli(args, env=None, **kw):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
   return subprocess.Popen([sys.executable, "-m", "switch_jax.cli.main", "train", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                           **kw)
@@ -71,14 +71,18 @@ def _kill_after_a_new_checkpoint(proc, checkpoints, rng):
 def test_killed_run_resumes_and_ends_bit_identical(corpus, tmp_path):
   steps = 12
   killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+  # The restarts load the first processes' compiled steps (the same programs).
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   # An uninterrupted run, and one SIGKILLed twice at random moments.
-  clean = _cli(_train_args(corpus, clean_dir, steps))
+  clean = _cli(_train_args(corpus, clean_dir, steps), env=cache)
   rng = np.random.default_rng()
-  outputs = [_kill_after_a_new_checkpoint(_cli(_train_args(corpus, killed_dir, steps)),
+  outputs = [_kill_after_a_new_checkpoint(_cli(_train_args(corpus, killed_dir, steps), env=cache),
                                           killed_dir / "checkpoints", rng) for _ in range(2)]
   clean_out = clean.communicate(timeout=600)[0]
   assert clean.returncode == 0, clean_out[-3000:]
-  resumed = _cli(_train_args(corpus, killed_dir, steps))
+  resumed = _cli(_train_args(corpus, killed_dir, steps), env=cache)
   out = resumed.communicate(timeout=600)[0]
   assert resumed.returncode == 0, out[-3000:]
   resumed_at = [int(line.split()[-1]) for line in "".join(outputs[1:] + [out]).splitlines()

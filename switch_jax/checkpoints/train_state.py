@@ -153,6 +153,7 @@ class TrainCheckpointer:
         continue
       has_data = (self.directory / str(step) / DATA_ITEM).is_dir()
       items = {DATA_ITEM: DataPositionRestore()} if has_data else {}
+      problem = None
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state.params),
@@ -160,12 +161,10 @@ class TrainCheckpointer:
                 {"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
             meta=ocp.args.JsonRestore(), **items))
       except Exception as e:  # orbax raises many types for damaged files
-        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-        _all_agree(False)
-        self._report_unreadable(step, f"cannot be restored ({reason})")
-        continue
-      if not _all_agree(True):  # another host could not restore it: every host moves on
-        self._report_unreadable(step, "cannot be restored on another host")
+        problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+      if not _all_agree(problem is None):  # one host could not restore it: every host moves on
+        self._report_unreadable(step, f"cannot be restored ({problem})" if problem
+                                else "cannot be restored on another host")
         continue
       state = abstract_state.replace(step=restored.opt_state["step"], params=restored.params,
                                      opt_state=restored.opt_state["opt_state"])

@@ -33,6 +33,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+import xla_cache
+
 from switch_jax import run_logging
 from switch_jax.checkpoints import model_format
 
@@ -66,9 +68,7 @@ def pod(tmp_path_factory, corpus):
       "CheckpointConfig.keep": None, "make_optimizer.name": "'adam'"}
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4",
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", TF_CPP_MIN_LOG_LEVEL="3",
-             JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+             **xla_cache.env(cache))
   started = []
 
   def launch(model_dir: Path, *extra_flags: str) -> list:

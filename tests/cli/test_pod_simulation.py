@@ -36,6 +36,7 @@ import pytest
 from flax import traverse_util
 
 import package_wheel
+import xla_cache
 
 from switch_jax import run_logging
 from switch_jax.checkpoints import model_format
@@ -189,9 +190,7 @@ def _launch_env(tmp_path, corpus, wheel, name, model_dir, spot=False):
       "CheckpointConfig.keep": None, "make_optimizer.name": "'adam'"}
   worker_env = {"TF_CPP_MIN_LOG_LEVEL": "3",
                 # Both launches compile the same steps: the second one reads them.
-                "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-cache"),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+                **xla_cache.env(tmp_path / "xla-cache")}
   env = {k: v for k, v in os.environ.items() if k not in (
       "DRY_RUN", "SKIP_INSTALL", "DELETE", "SPOT", "PREEMPTIBLE", "BUCKET", "REMOTE_PYTHON")}
   env.update(PATH=f"{FAKE_GCLOUD.parent}:{os.environ['PATH']}", PYTHON=sys.executable,

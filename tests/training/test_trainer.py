@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+import xla_cache
+
 from switch_jax import run_logging
 from switch_jax.cli import gin_config
 from switch_jax.checkpoints import model_format
@@ -72,9 +74,7 @@ def test_killed_run_resumes_and_ends_bit_identical(corpus, tmp_path):
   steps = 12
   killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
   # The restarts load the first processes' compiled steps (the same programs).
-  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla-cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  cache = xla_cache.env(tmp_path / "xla-cache")
   # An uninterrupted run, and one SIGKILLed twice at random moments.
   clean = _cli(_train_args(corpus, clean_dir, steps), env=cache)
   rng = np.random.default_rng()
